@@ -1,0 +1,1 @@
+"""Click commands of ``ovss-label``, one module per command family; each command stays thin."""
