@@ -1,0 +1,63 @@
+"""Masks, polygons, Label Studio brush RLE and results, and COCO; numpy/OpenCV/shapely/pycocotools.
+
+Never imports torch (teams run exports on machines without a GPU stack) nor ``backend``. Each
+module opens with its format contract; coordinates are in the COCO pixel-edge frame (pixel
+(r, c) covers [c, c+1) x [r, r+1)), Label Studio percent coordinates are that frame scaled to
+[0, 100].
+"""
+
+from .brush import BrushRLEError, brush_rle_to_mask, mask_to_brush_rle
+from .coco import (
+    SEGMENTATION_MODES,
+    CocoError,
+    CocoImage,
+    CocoWriter,
+    annotation_to_instance,
+    read_coco,
+    write_json_atomic,
+)
+from .instance import Instance, mask_has_holes
+from .labelstudio import (
+    REGION_TYPES,
+    RegionError,
+    instance_to_results,
+    instances_to_results,
+    rectangle_corners,
+    rectangle_value,
+    result_to_instance,
+)
+from .ls_import import ImportReport, coco_to_tasks
+from .ls_tasks import ExportReport, Skipped, export_tasks_to_coco, image_url, pick_record
+from .polygons import mask_to_polygons, polygons_to_mask, ring_to_flat
+
+__all__ = [
+    "REGION_TYPES",
+    "SEGMENTATION_MODES",
+    "BrushRLEError",
+    "CocoError",
+    "CocoImage",
+    "CocoWriter",
+    "ExportReport",
+    "ImportReport",
+    "Instance",
+    "RegionError",
+    "Skipped",
+    "annotation_to_instance",
+    "brush_rle_to_mask",
+    "coco_to_tasks",
+    "export_tasks_to_coco",
+    "image_url",
+    "instance_to_results",
+    "instances_to_results",
+    "mask_has_holes",
+    "mask_to_brush_rle",
+    "mask_to_polygons",
+    "pick_record",
+    "polygons_to_mask",
+    "read_coco",
+    "rectangle_corners",
+    "rectangle_value",
+    "result_to_instance",
+    "ring_to_flat",
+    "write_json_atomic",
+]

@@ -1,0 +1,289 @@
+"""COCO instance-segmentation files: a writer and a reader, on pycocotools.
+
+Format contract (cocodataset.org "Data format", pycocotools ``mask.py``)
+========================================================================
+- ``images``: ``{"id", "file_name", "width", "height"}``; ids are positive ints.
+- ``categories``: ``{"id", "name", "supercategory"}``; ids 1..K in vocabulary order (ontology
+  or Label Studio label-config order), so they are stable across exports of one project.
+- ``annotations``: ``{"id", "image_id", "category_id", "segmentation", "area", "bbox",
+  "iscrowd": 0}`` (+ ``"score"`` when the source had one).
+  - ``segmentation`` is either polygons ``[[x1, y1, x2, y2, ...], ...]`` (rings are unioned, so
+    holes cannot be expressed; coordinates in the pixel-edge frame of ``polygons``) or
+    compressed RLE ``{"size": [H, W], "counts": str}`` (column-major runs, exact, holes kept).
+  - ``bbox`` is ``[x, y, w, h]`` in pixels, ``area`` the pixel count, both of the
+    segmentation as pycocotools decodes it (what COCOeval compares).
+- Segmentation modes: ``polygon`` (always polygons; holes are filled, which the writer counts),
+  ``rle`` (always RLE), ``auto`` (polygons unless the mask has holes or its polygons would not
+  reproduce it: IoU < ``min_polygon_iou``). An instance that came from vector data (a Label
+  Studio polygon or rectangle) keeps its own vertices as polygons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pycocotools import mask as coco_mask
+
+from .instance import Instance
+from .polygons import mask_to_polygons, polygons_to_mask, ring_to_flat
+
+__all__ = [
+    "SEGMENTATION_MODES",
+    "CocoError",
+    "CocoImage",
+    "CocoWriter",
+    "annotation_to_instance",
+    "read_coco",
+    "write_json_atomic",
+]
+
+SegmentationMode = Literal["polygon", "rle", "auto"]
+SEGMENTATION_MODES: tuple[str, ...] = ("polygon", "rle", "auto")
+
+
+class CocoError(ValueError):
+    """A COCO file or annotation that cannot be read; the message names the record."""
+
+
+@dataclass
+class CocoImage:
+    """One image of a COCO file with its instances (reader output)."""
+
+    id: int
+    file_name: str
+    width: int
+    height: int
+    instances: list[Instance] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class CocoWriter:
+    """Builds a COCO dict from images and instances.
+
+    Args:
+        categories: category names in vocabulary order; ids are 1..K in this order. Labels met
+            later that are not in it are appended (``extra_categories`` lists them).
+        segmentation: ``polygon``, ``rle`` or ``auto`` (see the module docstring).
+        tolerance_px: polygon simplification tolerance (``mask_to_polygons``).
+        min_polygon_iou: in ``auto``, masks whose polygons fall below this IoU are written as RLE.
+    """
+
+    def __init__(
+        self,
+        categories: Sequence[str],
+        *,
+        segmentation: SegmentationMode = "auto",
+        tolerance_px: float = 1.0,
+        min_polygon_iou: float = 0.98,
+    ) -> None:
+        if segmentation not in SEGMENTATION_MODES:
+            raise ValueError(
+                f"segmentation must be one of {SEGMENTATION_MODES}, got {segmentation!r}"
+            )
+        self.segmentation = segmentation
+        self.tolerance_px = tolerance_px
+        self.min_polygon_iou = min_polygon_iou
+        self._category_ids: dict[str, int] = {}
+        self.extra_categories: list[str] = []
+        for name in categories:
+            self._category_ids.setdefault(name, len(self._category_ids) + 1)
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.holes_filled = 0  # masks with holes written as polygons (segmentation="polygon")
+
+    def category_id(self, label: str) -> int:
+        if label not in self._category_ids:
+            self._category_ids[label] = len(self._category_ids) + 1
+            self.extra_categories.append(label)
+        return self._category_ids[label]
+
+    def add_image(self, file_name: str, width: int, height: int, **extra: Any) -> int:
+        """Adds an image and returns its id (1, 2, ... in insertion order)."""
+        image_id = len(self.images) + 1
+        self.images.append(
+            {"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)}
+            | extra
+        )
+        return image_id
+
+    def add_instance(self, image_id: int, instance: Instance) -> dict[str, Any] | None:
+        """Adds one annotation; returns it, or None when the instance's mask is empty."""
+        segmentation = self._segmentation(instance)
+        rle = _as_rle(segmentation, instance.height, instance.width)
+        area = int(coco_mask.area(rle))
+        if area == 0:
+            return None
+        annotation: dict[str, Any] = {
+            "id": len(self.annotations) + 1,
+            "image_id": image_id,
+            "category_id": self.category_id(instance.label),
+            "segmentation": segmentation,
+            "area": area,
+            "bbox": [float(v) for v in coco_mask.toBbox(rle)],
+            "iscrowd": 0,
+        }
+        if instance.score is not None:
+            annotation["score"] = float(instance.score)
+        self.annotations.append(annotation)
+        return annotation
+
+    def _segmentation(self, instance: Instance) -> list[list[float]] | dict[str, Any]:
+        if self.segmentation == "rle":
+            return _rle_json(instance.mask)
+        if instance.polygons is not None:
+            return [ring_to_flat(r) for r in instance.polygons]
+        if self.segmentation == "auto" and instance.has_holes():
+            return _rle_json(instance.mask)
+        polygons = mask_to_polygons(instance.mask, self.tolerance_px)
+        rings = [ring_to_flat(p.exterior.coords) for p in polygons]
+        if self.segmentation == "polygon":
+            self.holes_filled += int(instance.has_holes())
+            return rings
+        drawn = polygons_to_mask(rings, instance.height, instance.width)
+        if _iou(drawn, instance.mask) < self.min_polygon_iou:
+            return _rle_json(instance.mask)
+        return rings
+
+    def to_dict(self) -> dict[str, Any]:
+        categories = [
+            {"id": cid, "name": name, "supercategory": ""}
+            for name, cid in sorted(self._category_ids.items(), key=lambda kv: kv[1])
+        ]
+        return {
+            "info": {"description": "exported by ovss-label"},
+            "licenses": [],
+            "images": self.images,
+            "categories": categories,
+            "annotations": self.annotations,
+        }
+
+
+def _rle_json(mask: NDArray[Any]) -> dict[str, Any]:
+    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _as_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A compressed RLE (pycocotools form) of any COCO segmentation."""
+    if isinstance(segmentation, list):
+        rings = [r for r in segmentation if len(r) >= 6]
+        if not rings:
+            empty: dict[str, Any] = coco_mask.encode(np.zeros((height, width), np.uint8, order="F"))
+            return empty
+        merged: dict[str, Any] = coco_mask.merge(coco_mask.frPyObjects(rings, height, width))
+        return merged
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        compressed: dict[str, Any] = coco_mask.frPyObjects(segmentation, height, width)
+        return compressed  # from uncompressed RLE
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str):
+        return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+    raise CocoError(f"unsupported segmentation of type {type(segmentation).__name__}")
+
+
+def _iou(a: NDArray[Any], b: NDArray[Any]) -> float:
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 1.0
+
+
+def annotation_to_instance(
+    annotation: dict[str, Any], height: int, width: int, label: str
+) -> Instance:
+    """One COCO annotation to an ``Instance`` (polygons, RLE, or a bare ``bbox``).
+
+    Raises:
+        CocoError: the segmentation cannot be decoded at this image size.
+    """
+    score = annotation.get("score")
+    segmentation = annotation.get("segmentation")
+    try:
+        if isinstance(segmentation, list) and segmentation:
+            rings = tuple(np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in segmentation)
+            mask = polygons_to_mask(rings, height, width)
+            return Instance(mask, label, score, polygons=rings, kind="polygon")
+        if isinstance(segmentation, dict):
+            if list(segmentation.get("size", [])) != [height, width]:
+                raise CocoError(f"RLE size {segmentation.get('size')} != image {[height, width]}")
+            mask = coco_mask.decode(_as_rle(segmentation, height, width)).astype(bool)
+            return Instance(mask, label, score)
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, CocoError):
+            raise
+        raise CocoError(f"annotation {annotation.get('id')}: {err}") from err
+    corners = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]])
+    mask = polygons_to_mask([corners], height, width)
+    return Instance(mask, label, score, polygons=(corners,), kind="box")
+
+
+def read_coco(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[list[str], list[CocoImage]]:
+    """Reads a COCO instance file.
+
+    Args:
+        source: a path to the JSON file, or the already-parsed dict.
+
+    Returns:
+        Category names ordered by id, and the images in file order with their instances.
+
+    Raises:
+        CocoError: the file is not COCO, or an annotation references a missing image/category
+            or cannot be decoded (the message names the annotation id).
+    """
+    data = _load(source)
+    try:
+        categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        images = {
+            int(im["id"]): CocoImage(
+                int(im["id"]),
+                str(im["file_name"]),
+                int(im["width"]),
+                int(im["height"]),
+                extra={
+                    k: v for k, v in im.items() if k not in ("id", "file_name", "width", "height")
+                },
+            )
+            for im in data["images"]
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise CocoError(f"not a COCO instances file: missing or bad field {err}") from err
+    for ann in data.get("annotations", []):
+        image = images.get(int(ann.get("image_id", -1)))
+        label = categories.get(int(ann.get("category_id", -1)))
+        if image is None or label is None:
+            raise CocoError(f"annotation {ann.get('id')} references a missing image or category")
+        image.instances.append(annotation_to_instance(ann, image.height, image.width, label))
+    return [categories[k] for k in sorted(categories)], list(images.values())
+
+
+def _load(source: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    try:
+        with open(source, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise CocoError(f"{source}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CocoError(f"{source}: a COCO file is a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
+    """Writes JSON to a temp file next to ``path`` and renames it: never a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
