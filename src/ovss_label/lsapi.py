@@ -1,0 +1,56 @@
+"""Talking to a live Label Studio through the PyPI ``label-studio-sdk`` (legacy tokens and PATs).
+
+The SDK client picks ``Token`` or ``Bearer`` and refreshes personal access tokens itself; this
+module only builds it and turns its errors into one actionable line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class LabelStudioError(RuntimeError):
+    """A call to Label Studio failed; the message says what to check."""
+
+
+def make_client(url: str, api_key: str, *, httpx_client: httpx.Client | None = None) -> Any:
+    """A ``label_studio_sdk.LabelStudio`` client for ``url`` (imported lazily: it is slow)."""
+    from label_studio_sdk.client import LabelStudio
+
+    if not url.startswith(("http://", "https://")):
+        raise LabelStudioError(f"Label Studio URL must start with http:// or https://, got {url!r}")
+    if not api_key:
+        raise LabelStudioError("no API key: pass --api-key or set LABEL_STUDIO_API_KEY")
+    return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, httpx_client=httpx_client)
+
+
+def fetch_project_export(client: Any, project_id: int) -> tuple[list[dict[str, Any]], str]:
+    """The project's JSON export (all tasks) and its labeling config."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        project = client.projects.get(id=project_id)
+        tasks = client.projects.exports.as_json(project_id)
+    except ApiError as err:
+        raise LabelStudioError(_explain(err, project_id)) from err
+    except httpx.HTTPError as err:
+        raise LabelStudioError(f"cannot reach Label Studio: {err}") from err
+    if not isinstance(tasks, list):
+        raise LabelStudioError(f"project {project_id} export is not a task list")
+    return tasks, str(project.label_config or "")
+
+
+def _explain(err: Any, project_id: int) -> str:
+    status = getattr(err, "status_code", None)
+    if status == 401:
+        return (
+            "Label Studio refused the API key (401): use the key from Account & Settings; a"
+            " personal access token that has expired must be renewed there"
+        )
+    if status == 403:
+        return f"the API key's user may not read project {project_id} (403)"
+    if status == 404:
+        return f"project {project_id} not found (404): check --project and --url"
+    return f"Label Studio answered {status}: {str(getattr(err, 'body', ''))[:200]}"

@@ -1,0 +1,258 @@
+"""``ovss-label export --coco`` on a realistic Label Studio export: from a file and live."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from helpers import LABEL_CONFIG, LS_EXPORT, fill_holes, iou, load_export, source_mask
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ovss_label.cli import cli
+from ovss_label.commands import export as export_cmd
+from ovss_label.converters import pick_record
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def export(tmp_path: Path, *options: str, source: Path = LS_EXPORT) -> dict[str, Any]:
+    out = tmp_path / "coco.json"
+    result = run("export", "--coco", str(source), "-o", str(out), *options)
+    assert result.exit_code == 0, result.output
+    return json.loads(out.read_text())
+
+
+def decode(ann: dict, image: dict) -> np.ndarray:
+    h, w = image["height"], image["width"]
+    seg = ann["segmentation"]
+    rle = (
+        coco_mask.merge(coco_mask.frPyObjects(seg, h, w))
+        if isinstance(seg, list)
+        else {"size": seg["size"], "counts": seg["counts"].encode()}
+    )
+    return coco_mask.decode(rle).astype(bool)
+
+
+def source_regions() -> dict[tuple[int, str], dict]:
+    """(task id, label) -> the chosen record's result of that label (one per label here)."""
+    regions = {}
+    for task in load_export():
+        record, _ = pick_record(task)
+        for result in (record or {}).get("result", []):
+            if result["type"] in ("brushlabels", "polygonlabels") and "original_width" in result:
+                regions[(task["id"], result["value"][result["type"]][0])] = result
+    return regions
+
+
+def test_export_loads_in_pycocotools_and_scores_ap_1(tmp_path: Path) -> None:
+    coco = export(tmp_path, "--label-config", str(LABEL_CONFIG))
+    path = tmp_path / "coco.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+        detections = [a | {"score": 1.0} for a in coco["annotations"]]
+        evaluation = COCOeval(gt, gt.loadRes(detections), "segm")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(1.0)
+    assert [c["name"] for c in coco["categories"]] == ["cat", "dog", "person", "car", "tree"]
+    names = [im["file_name"] for im in coco["images"]]
+    assert names == [
+        "3f2a1b4c-street.jpg",
+        "park east.png",
+        "aa11bb22-empty.jpg",
+        "ee55ff66-broken.jpg",
+        "12345678-editor.jpg",
+    ]
+    assert [im["ls_task_id"] for im in coco["images"]] == [101, 102, 103, 105, 107]
+
+
+HAVE_HOLES = {(101, "dog"), (107, "cat")}
+
+
+@pytest.mark.parametrize("mode", ["auto", "rle", "polygon"])
+def test_every_exported_mask_matches_its_source(tmp_path: Path, mode: str) -> None:
+    coco = export(tmp_path, "--segmentation", mode)
+    images = {im["id"]: im for im in coco["images"]}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    sources = source_regions()
+    checked = 0
+    for ann in coco["annotations"]:
+        image = images[ann["image_id"]]
+        key = (image["ls_task_id"], names[ann["category_id"]])
+        if key not in sources:
+            continue  # rectangles: checked below
+        expected = source_mask(sources[key])
+        score = iou(decode(ann, image), expected)
+        if isinstance(ann["segmentation"], dict):
+            assert score == 1.0, key
+        elif mode == "polygon" and key in HAVE_HOLES:
+            # COCO polygons cannot hold holes: the outline is exact, the holes are filled.
+            assert iou(decode(ann, image), fill_holes(expected)) >= 0.98, key
+            assert not np.array_equal(fill_holes(expected), expected)
+        else:
+            assert score >= 0.98, key
+        checked += 1
+    assert checked == 7
+
+
+def test_auto_mode_choices_and_structure(tmp_path: Path) -> None:
+    coco = export(tmp_path)
+    by_task: dict[int, list[dict]] = {}
+    tasks = {im["id"]: im["ls_task_id"] for im in coco["images"]}
+    for ann in coco["annotations"]:
+        by_task.setdefault(tasks[ann["image_id"]], []).append(ann)
+    dog = [a for a in by_task[101] if isinstance(a["segmentation"], dict)]
+    assert len(dog) == 1  # only the ring (a hole) is RLE
+    person = [a for a in by_task[102] if len(a["segmentation"]) == 2]
+    assert len(person) == 1  # one annotation, two polygons: the two parts
+    assert 103 not in by_task  # empty annotation: image without annotations
+    assert all(a["iscrowd"] == 0 for a in coco["annotations"])
+    # task 101: the latest annotation (2), not the older one nor the newer cancelled one
+    assert len(by_task[101]) == 3
+    rect = [
+        a for a in by_task[102] if len(a["segmentation"]) == 1 and len(a["segmentation"][0]) == 8
+    ]
+    assert len(rect) == 1 and rect[0]["area"] == pytest.approx(0.3 * 64 * 0.2 * 48, rel=0.15)
+
+
+def test_bad_records_are_reported_and_skipped(tmp_path: Path) -> None:
+    out = tmp_path / "coco.json"
+    result = run("export", "--coco", str(LS_EXPORT), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "task 105 region bad1: undecodable brush RLE" in text
+    assert "task 105 region bad2: result has no original_width" in text
+    coco = json.loads(out.read_text())
+    broken = next(im for im in coco["images"] if im["ls_task_id"] == 105)
+    assert [a["image_id"] for a in coco["annotations"]].count(broken["id"]) == 1
+    failing = run("export", "--coco", str(LS_EXPORT), "-o", str(out), "--fail-on-skip")
+    assert failing.exit_code == 1
+
+
+def test_include_predictions_labels_tasks_without_annotations(tmp_path: Path) -> None:
+    coco = export(tmp_path, "--include-predictions")
+    image = next(im for im in coco["images"] if im["ls_task_id"] == 104)
+    (ann,) = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+    assert ann["score"] == 0.6
+
+
+def test_image_dir_gives_sizes_of_unannotated_images(tmp_path: Path) -> None:
+    photo = tmp_path / "imgs" / "0a0b0c0d-todo.jpg"
+    photo.parent.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: Label Studio shows it 30 wide, 40 high
+    Image.new("RGB", (40, 30)).save(photo, exif=exif)
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": "/data/upload/7/0a0b0c0d-todo.jpg"},
+            "annotations": [{"id": 1, "result": [], "was_cancelled": False}],
+        }
+    ]
+    source = tmp_path / "tasks.json"
+    source.write_text(json.dumps(tasks))
+    assert export(tmp_path, source=source)["images"] == []
+    coco = export(tmp_path, "--image-dir", str(photo.parent), source=source)
+    assert [(im["width"], im["height"]) for im in coco["images"]] == [(30, 40)]
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    out = str(tmp_path / "o.json")
+    assert "--coco" in run("export", str(LS_EXPORT), "-o", out).output
+    both = run("export", "--coco", str(LS_EXPORT), "--project", "3", "-o", out)
+    assert both.exit_code != 0 and "either SOURCE" in both.output
+    minimal = tmp_path / "min.json"
+    minimal.write_text(json.dumps([{"image": "/data/upload/1/a.jpg", "id": 1, "label": []}]))
+    result = run("export", "--coco", str(minimal), "-o", out)
+    assert result.exit_code != 0 and "JSON-MIN" in result.output
+    garbage = tmp_path / "g.json"
+    garbage.write_text("[{")
+    assert "not a JSON file" in run("export", "--coco", str(garbage), "-o", out).output
+
+
+class FakeLabelStudio:
+    """Label Studio's API as an httpx transport: version, project and export endpoints."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.auth: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.auth.append(request.headers.get("Authorization", ""))
+        if self.status != 200:
+            return httpx.Response(self.status, json={"detail": "nope"})
+        path = request.url.path
+        if path == "/api/version/":
+            return httpx.Response(200, json={"release": "1.23.2", "edition": "Community"})
+        if path == "/api/projects/7/":
+            return httpx.Response(
+                200, json={"id": 7, "title": "p", "label_config": LABEL_CONFIG.read_text()}
+            )
+        if path == "/api/projects/7/export":
+            assert request.url.params["download_all_tasks"] == "true"
+            return httpx.Response(200, content=LS_EXPORT.read_bytes())
+        return httpx.Response(404, json={"detail": "not found"})
+
+
+def _patch_client(monkeypatch: pytest.MonkeyPatch, fake: FakeLabelStudio) -> None:
+    real = export_cmd.make_client
+
+    def make_client(url: str, api_key: str) -> Any:
+        return real(url, api_key, httpx_client=httpx.Client(transport=httpx.MockTransport(fake)))
+
+    monkeypatch.setattr(export_cmd, "make_client", make_client)
+
+
+def test_live_project_export_matches_file_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeLabelStudio()
+    _patch_client(monkeypatch, fake)
+    out = tmp_path / "live.json"
+    result = run(
+        "export",
+        "--coco",
+        "--url",
+        "http://ls.test:8080",
+        "--api-key",
+        "abc123",
+        "--project",
+        "7",
+        "-o",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert set(fake.auth) == {"Token abc123"}
+    from_file = export(tmp_path, "--label-config", str(LABEL_CONFIG))
+    assert json.loads(out.read_text()) == from_file
+
+
+def test_live_export_401_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _patch_client(monkeypatch, FakeLabelStudio(status=401))
+    result = run(
+        "export",
+        "--coco",
+        "--url",
+        "http://ls.test",
+        "--api-key",
+        "bad",
+        "--project",
+        "7",
+        "-o",
+        str(tmp_path / "o.json"),
+    )
+    assert result.exit_code == 1 and "refused the API key (401)" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,206 @@
+"""Label Studio results <-> instances: every region type, its frame, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import LABEL_CONFIG, coco_raster, disc, iou, load_export, sdk_alpha
+from label_studio_sdk.converter.brush import mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+
+from ovss_label.converters import (
+    Instance,
+    RegionError,
+    instance_to_results,
+    instances_to_results,
+    rectangle_corners,
+    result_to_instance,
+)
+
+H, W = 48, 64
+
+
+def _brush(mask: np.ndarray, label: str = "cat", **extra: object) -> dict:
+    return {
+        "id": "r1",
+        "type": "brushlabels",
+        "from_name": "brush",
+        "to_name": "image",
+        "original_width": mask.shape[1],
+        "original_height": mask.shape[0],
+        "image_rotation": 0,
+        "value": {
+            "format": "rle",
+            "rle": mask2rle(mask.astype(np.uint8) * 255),
+            "brushlabels": [label],
+        },
+        **extra,
+    }
+
+
+def test_brush_result_decodes_to_the_sdk_mask() -> None:
+    mask = disc(H, W, 30, 20, 11) & ~disc(H, W, 30, 20, 4)
+    inst = result_to_instance(_brush(mask, score=0.8))
+    assert inst is not None and inst.label == "cat" and inst.score == 0.8 and inst.kind == "mask"
+    np.testing.assert_array_equal(inst.mask, mask)
+    assert inst.has_holes()
+
+
+def test_polygon_result_uses_percent_of_original_size() -> None:
+    points = [[10.0, 12.5], [60.0, 12.5], [60.0, 87.5], [35.0, 50.0], [10.0, 87.5]]
+    result = {
+        "type": "polygonlabels",
+        "original_width": W,
+        "original_height": H,
+        "value": {"points": points, "polygonlabels": ["tree"], "closed": True},
+    }
+    inst = result_to_instance(result)
+    assert inst is not None and inst.kind == "polygon"
+    ring = [c for x, y in points for c in (x * W / 100, y * H / 100)]
+    np.testing.assert_array_equal(inst.mask, coco_raster([ring], H, W))
+    np.testing.assert_allclose(inst.polygons[0], np.reshape(ring, (-1, 2)))
+
+
+def test_rectangle_rotation_is_about_the_top_left_corner() -> None:
+    value = {"x": 50.0, "y": 25.0, "width": 25.0, "height": 25.0, "rotation": 90.0}
+    corners = rectangle_corners(value, H, W)
+    # 16 px wide, 12 px high, turned 90 degrees clockwise (y down) about (32, 12).
+    np.testing.assert_allclose(corners, [[32, 12], [32, 28], [20, 28], [20, 12]], atol=1e-9)
+    result = {
+        "type": "rectanglelabels",
+        "original_width": W,
+        "original_height": H,
+        "value": {**value, "rectanglelabels": ["car"]},
+    }
+    inst = result_to_instance(result)
+    assert inst is not None and inst.kind == "box" and inst.area == 16 * 12
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"image_rotation": 90}, "image_rotation=90"),
+        ({"original_width": None}, "original_width"),
+        ({"value": {"format": "rle", "rle": [1, 2, 3], "brushlabels": ["cat"]}}, "undecodable"),
+        ({"value": {"format": "rle", "rle": [0], "brushlabels": []}}, "no label"),
+        ({"value": {"format": "points", "points": [], "brushlabels": ["cat"]}}, "not supported"),
+    ],
+)
+def test_bad_regions_raise_region_error_with_their_id(change: dict, message: str) -> None:
+    result = _brush(disc(H, W, 10, 10, 4)) | change
+    with pytest.raises(RegionError, match=message) as info:
+        result_to_instance(result)
+    assert info.value.region_id == "r1"
+
+
+def test_too_few_polygon_points() -> None:
+    result = {
+        "id": "p",
+        "type": "polygonlabels",
+        "original_width": W,
+        "original_height": H,
+        "value": {"points": [[1, 1], [2, 2]], "polygonlabels": ["tree"]},
+    }
+    with pytest.raises(RegionError, match="2 points"):
+        result_to_instance(result)
+
+
+def test_non_region_results_are_not_instances() -> None:
+    assert result_to_instance({"type": "textarea", "value": {"text": ["x"]}}) is None
+    assert result_to_instance({"type": "choices", "value": {"choices": ["a"]}}) is None
+
+
+def test_instance_to_brush_result_is_exact_and_valid() -> None:
+    mask = disc(H, W, 30, 20, 11) & ~disc(H, W, 30, 20, 4)
+    (result,) = instance_to_results(Instance(mask, "dog", 0.9), "brush")
+    assert result["value"]["rle"] == mask2rle(mask.astype(np.uint8) * 255)
+    assert (result["original_width"], result["original_height"]) == (W, H)
+    np.testing.assert_array_equal(sdk_alpha(result["value"]["rle"], H, W) > 0, mask)
+    assert result["score"] == 0.9 and result["value"]["brushlabels"] == ["dog"]
+
+
+def test_polygon_results_one_per_part_in_percent() -> None:
+    mask = np.zeros((H, W), bool)
+    mask[4:20, 8:24] = True
+    mask[30:40, 40:60] = True
+    results = instance_to_results(Instance(mask, "cat"), "polygon")
+    assert len(results) == 2
+    square = sorted(map(tuple, results[0]["value"]["points"]))
+    expected = sorted(
+        [(12.5, 100 * 4 / 48), (37.5, 100 * 4 / 48), (12.5, 100 * 20 / 48), (37.5, 100 * 20 / 48)]
+    )
+    np.testing.assert_allclose(square, expected, atol=1e-4)  # rounded to 4 decimals
+    back = result_to_instance(results[0] | {"type": "polygonlabels"})
+    assert back is not None and back.area == 16 * 16
+
+
+def test_vector_instances_keep_their_own_vertices() -> None:
+    ring = np.array([[3.25, 4.5], [40.0, 4.5], [22.0, 30.75]])
+    inst = Instance(
+        coco_raster([ring.ravel().tolist()], H, W), "tree", polygons=(ring,), kind="polygon"
+    )
+    (result,) = instance_to_results(inst, "polygon")
+    np.testing.assert_allclose(
+        np.array(result["value"]["points"]) * [W / 100, H / 100], ring, atol=1e-3
+    )
+
+
+def test_box_instances_become_rectangles_and_round_trip() -> None:
+    value = {"x": 20.0, "y": 50.0, "width": 30.0, "height": 20.0, "rotation": 30.0}
+    result = {
+        "type": "rectanglelabels",
+        "original_width": W,
+        "original_height": H,
+        "value": {**value, "rectanglelabels": ["car"]},
+    }
+    inst = result_to_instance(result)
+    assert inst is not None
+    (back,) = instance_to_results(inst, "both")
+    assert back["type"] == "rectanglelabels" and back["from_name"] == "bbox"
+    for key, expected in value.items():
+        assert math.isclose(back["value"][key], expected, abs_tol=1e-3)
+
+
+def test_both_kinds_and_empty_masks() -> None:
+    insts = [Instance(disc(H, W, 20, 20, 8), "cat"), Instance(np.zeros((H, W), bool), "dog")]
+    results = instances_to_results(insts, "both")
+    assert [r["type"] for r in results] == ["brushlabels", "polygonlabels"]
+    with pytest.raises(ValueError, match="kind"):
+        instance_to_results(insts[0], "mask")  # type: ignore[arg-type]
+
+
+def test_region_ids_are_deterministic_and_distinct() -> None:
+    a = instance_to_results(Instance(disc(H, W, 20, 20, 8), "cat"), "both")
+    b = instance_to_results(Instance(disc(H, W, 20, 20, 8), "cat"), "both")
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert len({r["id"] for r in a}) == 2
+
+
+def test_predictions_validate_against_the_label_config() -> None:
+    interface = LabelInterface(LABEL_CONFIG.read_text())
+    insts = [
+        Instance(disc(H, W, 20, 20, 8), "cat", 0.7),
+        Instance(disc(H, W, 40, 30, 6), "car", 0.5),
+    ]
+    brush = instance_to_results(insts[0], "brush")
+    polygon = instance_to_results(insts[1], "polygon")
+    prediction = {"model_version": "t", "score": 0.6, "result": brush + polygon}
+    assert interface.validate_prediction(prediction)
+    bad = instance_to_results(Instance(disc(H, W, 20, 20, 8), "zebra"), "brush")
+    assert not interface.validate_prediction({"model_version": "t", "result": bad})
+
+
+def test_fixture_regions_match_independent_decoding() -> None:
+    for task in load_export():
+        for record in task["annotations"]:
+            for result in record["result"]:
+                if result["type"] != "brushlabels" or "original_width" not in result:
+                    continue
+                try:
+                    inst = result_to_instance(result)
+                except RegionError:
+                    continue
+                expected = sdk_alpha(result["value"]["rle"], inst.height, inst.width) > 0
+                assert iou(inst.mask, expected) == 1.0
