@@ -64,6 +64,8 @@ def mask_to_brush_rle(mask: NDArray[Any]) -> list[int]:
     values = _as_uint8_mask(mask).ravel()
     if values.size == 0:
         raise ValueError("cannot encode an empty (zero-pixel) mask as brush RLE")
+    if values.size * 4 >= 1 << 32:  # the header counts RGBA values in 32 bits
+        raise ValueError(f"mask of {values.size} pixels is too large for brush RLE (< 2**30)")
     # Runs of the mask; after the x4 repeat each run is 4x as long and no run has length 1.
     change = np.flatnonzero(values[1:] != values[:-1]) + 1
     starts = np.concatenate(([0], change))

@@ -36,7 +36,7 @@ __all__ = ["PolygonLike", "mask_to_polygons", "polygons_to_mask", "ring_to_flat"
 PolygonLike: TypeAlias = Polygon | Sequence[float] | NDArray[Any]
 """A ``shapely.Polygon`` (holes honoured), a flat COCO ring ``[x1, y1, ...]``, or (N, 2) xy."""
 
-_SMALL_PART_PX = 16
+_SMALL_PART_PX = 16  # parts whose bounding box has at most this many pixels stay unsimplified
 
 DEFAULT_MAX_VERTICES = 1000
 """Label Studio freezes on polygons with thousands of points (label-studio#4617)."""

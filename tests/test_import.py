@@ -119,3 +119,11 @@ def test_bad_coco_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"images": [{"id": 1}]}))
     result = CliRunner().invoke(cli, ["import", "--coco", str(bad), "-o", str(tmp_path / "t.json")])
     assert result.exit_code == 1 and "not a COCO instances file" in result.output
+    twice = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "a"}],
+    }
+    bad.write_text(json.dumps(twice))
+    result = CliRunner().invoke(cli, ["import", "--coco", str(bad), "-o", str(tmp_path / "t.json")])
+    assert result.exit_code == 1 and "more than once" in result.output

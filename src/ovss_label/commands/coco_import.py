@@ -60,10 +60,13 @@ def coco_import(
         model_version=model_version,
         tolerance_px=tolerance,
     )
+    try:
+        config = label_config(Vocabulary.from_labels(categories), report.config_kind)
+    except ValueError as err:  # e.g. two categories with one name
+        raise click.ClickException(f"{coco_path}: categories: {err}") from err
     write_json(output, tasks)
     config_path = output.with_suffix(".label_config.xml")
-    vocab = Vocabulary.from_labels(categories)
-    config_path.write_text(label_config(vocab, report.config_kind), encoding="utf-8")
+    config_path.write_text(config, encoding="utf-8")
     _print_summary(report, output, config_path, categories)
 
 
