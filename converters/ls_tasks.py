@@ -104,15 +104,16 @@ def export_tasks_to_coco(
             report.unlabelled += 1
             continue
         report.from_predictions += source == "prediction"
-        chosen.append((task, _convert(task, record, report)))
+        chosen.append((task, record))
 
-    labels = sorted({inst.label for _, regions in chosen for _, inst in regions})
+    # Masks are decoded one task at a time (a project's masks need not fit in memory together).
     writer = CocoWriter(
-        categories if categories is not None else labels,
+        categories if categories is not None else _labels(r for _, r in chosen),
         segmentation=segmentation,
         tolerance_px=tolerance_px,
     )
-    for task, regions in chosen:
+    for task, record in chosen:
+        regions = _convert(task, record, report)
         _add_task(writer, task, regions, data_key, image_size, report)
     report.holes_filled = writer.holes_filled
     report.extra_categories = list(writer.extra_categories) if categories is not None else []
@@ -134,6 +135,18 @@ def pick_record(
     if include_predictions and predictions:
         return max(predictions, key=_recency), "prediction"
     return None, ""
+
+
+def _labels(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Sorted labels of the region results of records, read without decoding any mask."""
+    labels = set()
+    for record in records:
+        for result in record.get("result") or []:
+            kind = str(result.get("type", "")).lower() if isinstance(result, dict) else ""
+            names = (result.get("value") or {}).get(kind) if kind in REGION_TYPES else None
+            if names:
+                labels.add(str(names[0]))
+    return sorted(labels)
 
 
 def _recency(record: dict[str, Any]) -> tuple[float, float, int]:

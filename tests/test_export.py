@@ -110,6 +110,8 @@ def test_every_exported_mask_matches_its_source(tmp_path: Path, mode: str) -> No
 
 def test_auto_mode_choices_and_structure(tmp_path: Path) -> None:
     coco = export(tmp_path)
+    # Without a label config, categories are the labels met, sorted.
+    assert [c["name"] for c in coco["categories"]] == ["car", "cat", "dog", "person", "tree"]
     by_task: dict[int, list[dict]] = {}
     tasks = {im["id"]: im["ls_task_id"] for im in coco["images"]}
     for ann in coco["annotations"]:
