@@ -28,6 +28,7 @@ from .labelstudio import (
 )
 from .ls_import import ImportReport, coco_to_tasks
 from .ls_tasks import ExportReport, Skipped, export_tasks_to_coco, image_url, pick_record
+from .overlay import overlay_image, write_overlay
 from .polygons import mask_to_polygons, polygons_to_mask, ring_to_flat
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "mask_has_holes",
     "mask_to_brush_rle",
     "mask_to_polygons",
+    "overlay_image",
     "pick_record",
     "polygons_to_mask",
     "read_coco",
@@ -60,4 +62,5 @@ __all__ = [
     "result_to_instance",
     "ring_to_flat",
     "write_json_atomic",
+    "write_overlay",
 ]

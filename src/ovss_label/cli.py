@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ovss_label import __version__
 from ovss_label.commands.coco_import import coco_import
 from ovss_label.commands.export import export
+from ovss_label.commands.models import models
 from ovss_label.commands.ontology import ontology
+from ovss_label.commands.predict import predict
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ovss-label")
-def cli() -> None:
+@click.option(
+    "--tiny", is_flag=True, help="Swap every model for its tiny random twin (meaningless output)."
+)
+def cli(tiny: bool) -> None:
     """Open-vocabulary segmentation pre-annotations for Label Studio."""
+    if tiny:
+        os.environ["OVSS_TINY"] = "1"
 
 
 cli.add_command(export)
 cli.add_command(coco_import)
 cli.add_command(ontology)
+cli.add_command(predict)
+cli.add_command(models)
 
 
 def main() -> None:

@@ -33,3 +33,28 @@ def image_size_from_dir(root: Path) -> Callable[[dict[str, Any], str], tuple[int
             return None
 
     return lookup
+
+
+def load_rgb(path: Path) -> Any:
+    """Decodes an image file to (H, W, 3) uint8 RGB in the frame Label Studio shows.
+
+    EXIF orientation is applied; grayscale, palette, RGBA (composited on black, as alpha is
+    not part of the photo), CMYK and 16-bit images are converted.
+
+    Raises:
+        ValueError: The file is not a readable image (the message names it).
+    """
+    import numpy as np
+    from PIL import ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(image, dtype=np.float64)
+                top = 65535.0 if wide.max() > 255 else 255.0
+                image = Image.fromarray((wide / top * 255).round().astype(np.uint8))
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc

@@ -1,0 +1,117 @@
+"""``models pull`` and ``models verify``: download a table weight, check its sha256.
+
+A download streams to ``<file>.part`` next to the target, checks the sha256 and only then
+renames, so an interrupted or corrupt download never leaves a file that resolution would pick
+up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from .weights import WeightSpec, sha256_file, weights_dir
+
+Progress = Callable[[int, int | None], None]
+"""Called with (bytes so far, total bytes or None) while downloading."""
+
+
+class DownloadError(RuntimeError):
+    """A download failed or its sha256 did not match; nothing was written."""
+
+
+def pull(
+    spec: WeightSpec,
+    dest_dir: Path | None = None,
+    *,
+    client: httpx.Client | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
+) -> Path:
+    """Downloads ``spec.url`` into ``dest_dir`` (default: the weights directory).
+
+    Args:
+        spec: The weight to fetch.
+        dest_dir: Target directory, created if needed.
+        client: The HTTP client (tests pass one with a mock transport).
+        progress: Optional progress callback.
+        force: Download even if a file with the right sha256 is already there.
+
+    Returns:
+        The downloaded (or already present and verified) file.
+
+    Raises:
+        DownloadError: HTTP error, or the sha256 of the received bytes is wrong.
+    """
+    target = (dest_dir or weights_dir()) / spec.file
+    if target.is_file() and not force and sha256_file(target) == spec.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    own_client = client is None
+    http = client or httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0))
+    try:
+        digest = _stream_to(http, spec.url, part, progress)
+    except httpx.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"download of {spec.name} from {spec.url} failed: {exc}") from exc
+    finally:
+        if own_client:
+            http.close()
+    if digest != spec.sha256:
+        part.unlink(missing_ok=True)
+        raise DownloadError(
+            f"sha256 mismatch for {spec.file}: got {digest}, expected {spec.sha256}; "
+            "nothing was written"
+        )
+    os.replace(part, target)
+    return target
+
+
+def _stream_to(http: httpx.Client, url: str, part: Path, progress: Progress | None) -> str:
+    digest = hashlib.sha256()
+    with http.stream("GET", url) as response:
+        response.raise_for_status()
+        total = (
+            int(response.headers["content-length"])
+            if "content-length" in response.headers
+            else None
+        )
+        done = 0
+        with part.open("wb") as f:
+            for block in response.iter_bytes(1 << 20):
+                f.write(block)
+                digest.update(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What ``models verify`` found for one weight."""
+
+    spec: WeightSpec
+    path: Path | None
+    sha256: str | None
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``missing`` or ``mismatch``."""
+        if self.path is None:
+            return "missing"
+        return "ok" if self.sha256 == self.spec.sha256 else "mismatch"
+
+
+def verify(spec: WeightSpec, path: Path | None = None) -> Verification:
+    """Checks the sha256 of ``path`` or of ``spec``'s file in the weights directory."""
+    candidate = path or weights_dir() / spec.file
+    if not candidate.is_file():
+        return Verification(spec, None, None)
+    return Verification(spec, candidate, sha256_file(candidate))

@@ -1,0 +1,179 @@
+"""The weight table (data, not code) and where a weight file is found.
+
+Every checkpoint the backend can load is one :class:`WeightSpec` row in :data:`WEIGHTS`: its
+file name, where to download it, its sha256, licence and preprocessing. Architecture lives in
+the builders (``clip.py``); this module only knows files (timm ``_pretrained.py``, open_clip
+``pretrained.py`` style).
+
+Resolution order for a weight (:func:`resolve_weight`):
+
+1. an explicit path given by the caller (server configuration or a CLI option);
+2. ``$OVSS_WEIGHTS_DIR/<file>`` (default ``~/.cache/ovss-label/weights``), where
+   ``ovss-label models pull`` puts files;
+3. the library's own download cache (open_clip downloads OpenAI files to ``~/.cache/clip``),
+   unless ``OVSS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
+
+A weight found nowhere raises :class:`MissingWeightError`, whose one-line message names the
+file, its sha256, where to get it and the ``models pull`` command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha}/{file}"
+_MIT = "MIT (OpenAI CLIP)"
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One downloadable checkpoint.
+
+    Attributes:
+        name: Table key, e.g. ``"clip_vit_b16"``; also the ``models pull`` argument.
+        arch: The builder's architecture name (``clip.py`` ``CLIP_ARCHS`` key).
+        file: File name in the weights directory.
+        url: Where ``models pull`` downloads it from.
+        sha256: Hex digest of the file.
+        licence: Licence of the weights.
+        format: ``"torchscript"`` (OpenAI archives), ``"state_dict"`` or ``"safetensors"``.
+        mean: RGB mean of the preprocessing, in [0, 1] units.
+        std: RGB std of the preprocessing, in [0, 1] units.
+        hub_id: Optional Hugging Face hub id holding the same weights.
+        size_mb: Approximate download size, for the table and progress bars.
+    """
+
+    name: str
+    arch: str
+    file: str
+    url: str
+    sha256: str
+    licence: str
+    format: str = "state_dict"
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    hub_id: str = ""
+    size_mb: int = 0
+    notes: str = field(default="", compare=False)
+
+
+def _openai(name: str, arch: str, file: str, sha: str, hub: str, size_mb: int) -> WeightSpec:
+    url = _OPENAI_URL.format(sha=sha, file=file)
+    return WeightSpec(name, arch, file, url, sha, _MIT, "torchscript", hub_id=hub, size_mb=size_mb)
+
+
+# The OpenAI archive's sha256 is the directory of its URL (open_clip pretrained.py checks it).
+WEIGHTS: dict[str, WeightSpec] = {
+    spec.name: spec
+    for spec in (
+        _openai(
+            "clip_vit_b16",
+            "ViT-B-16",
+            "ViT-B-16.pt",
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+            "timm/vit_base_patch16_clip_224.openai",
+            335,
+        ),
+        _openai(
+            "clip_vit_l14",
+            "ViT-L-14",
+            "ViT-L-14.pt",
+            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+            "timm/vit_large_patch14_clip_224.openai",
+            890,
+        ),
+        _openai(
+            "clip_vit_l14_336",
+            "ViT-L-14-336",
+            "ViT-L-14-336px.pt",
+            "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+            "timm/vit_large_patch14_clip_336.openai",
+            891,
+        ),
+    )
+}
+
+
+class MissingWeightError(FileNotFoundError):
+    """A checkpoint was not found; the message says where to get it, in one line."""
+
+
+def weights_dir() -> Path:
+    """The weights directory: ``$OVSS_WEIGHTS_DIR`` or ``~/.cache/ovss-label/weights``."""
+    configured = os.environ.get("OVSS_WEIGHTS_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "ovss-label" / "weights"
+
+
+def offline() -> bool:
+    """True when downloads are forbidden (``OVSS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("OVSS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def get_spec(name: str) -> WeightSpec:
+    """The table row ``name``; a ValueError lists the known names."""
+    try:
+        return WEIGHTS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight {name!r}; known: {', '.join(WEIGHTS)}") from None
+
+
+def missing_message(spec: WeightSpec) -> str:
+    """The one-line error for a weight found nowhere."""
+    return (
+        f"weight {spec.name!r} not found: put {spec.file} (sha256 {spec.sha256}) in "
+        f"{weights_dir()} (set OVSS_WEIGHTS_DIR), get it from {spec.url}, or run "
+        f"`ovss-label models pull {spec.name}`"
+    )
+
+
+def resolve_weight(spec: WeightSpec, path: str | os.PathLike[str] | None = None) -> Path:
+    """Finds the file of ``spec`` (module docstring: resolution order).
+
+    Args:
+        spec: The table row.
+        path: An explicit file; when given it must exist (it is never silently skipped).
+
+    Returns:
+        An existing file path.
+
+    Raises:
+        MissingWeightError: The explicit path does not exist, or the weight is found nowhere
+            and downloads are off or fail.
+    """
+    if path is not None:
+        explicit = Path(path).expanduser()
+        if not explicit.is_file():
+            raise MissingWeightError(f"weight file {explicit} does not exist ({spec.name})")
+        return explicit
+    local = weights_dir() / spec.file
+    if local.is_file():
+        return local
+    if offline():
+        raise MissingWeightError(missing_message(spec) + " (downloads are off: OVSS_OFFLINE)")
+    return _library_download(spec)
+
+
+def _library_download(spec: WeightSpec) -> Path:
+    # The OpenAI archives are downloaded by open_clip into its own cache (sha256-checked).
+    from open_clip.pretrained import download_pretrained_from_url
+
+    try:
+        return Path(download_pretrained_from_url(spec.url))
+    except Exception as exc:  # network errors come in many types; the user needs one line
+        raise MissingWeightError(f"{missing_message(spec)} (download failed: {exc})") from exc
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,242 @@
+"""``naclip``: training-free dense CLIP with neighbour-aware attention (Hajimiri et al., WACV 2025).
+
+Follows sinahmr/NACLIP @0cac3a6 ``naclip.py`` (``forward_feature``, ``forward_slide``,
+``predict``, ``postprocess_result``) with the defaults of ``configs/base_config.py`` and the
+``cfg_*.py`` pipeline (algorithms.md §1):
+
+encode (image only):
+  resize (short side 336, long side <= 2048, bilinear) -> normalise with the reference's
+  mean/std -> sliding windows 224/112 -> NACLIP vision tower (``naclip_vit``) -> L2-normalised
+  patch features per window; PAMR neighbour weights from the normalised input resized to the
+  work frame.
+score (words):
+  per window cosine logits ``feats @ textᵀ`` -> bilinear to the window size -> windows summed
+  and divided by their count -> bilinear to the work frame -> PAMR (10 steps, dilations 8, 16)
+  -> ``softmax(40·logits)`` over all queries -> class = max over its synonyms -> argmax with
+  ``prob_thd`` (below it: background) -> probabilities renormalised over classes.
+
+Deviations, each an option:
+  ``background="auto"``: a project's labels rarely include a background class, and softmax over
+  only "cat, dog" would paint every pixel cat or dog. Then the reference's own background line
+  (``cls_voc21.txt`` line 0, 26 stuff names, minus any that is also a label) is added as a
+  hidden class with ``prob_thd=0.1``, as in NACLIP's VOC21 and COCO-Object configs; its
+  pixels get no label. ``"none"`` turns it off.
+  ``max_side``: the work frame is capped (``frames.py``); images up to 2048 px are exact.
+  Precision: fp32 everywhere; the reference runs fp16 on GPU (weights are fp16-exact anyway).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovss_label import __version__
+from ovss_label.ontologies import Vocabulary, load
+
+from ..models.clip import LoadedClip, build_clip
+from ..models.clip_text import TextEncoder
+from ..models.naclip_vit import naclip_tokens
+from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+from .frames import Frames, sliding_windows
+from .pamr import pamr_affinity, pamr_propagate
+
+# mmseg SegDataPreProcessor in naclip.py: OpenAI CLIP mean/std x 255, rounded as written there.
+PIXEL_MEAN = (122.771, 116.746, 104.094)
+PIXEL_STD = (68.501, 66.632, 70.323)
+
+
+@dataclass(frozen=True)
+class NaclipConfig:
+    """NACLIP settings; defaults are the reference's (``NACLIP.__init__``, ``cfg_*.py``)."""
+
+    model: str = "clip_vit_b16"
+    arch: str = "reduced"
+    gaussian_std: float = 5.0
+    short_side: int = 336
+    slide_crop: int = 224
+    slide_stride: int = 112
+    logit_scale: float = 40.0
+    pamr_steps: int = 10
+    pamr_dilations: tuple[int, ...] = (8, 16)
+    prob_thd: float | None = None  # None: 0.1 with a background class, else 0.0
+    background: str = "auto"
+    max_side: int = 2048
+    window_batch: int = 8
+
+
+class NaclipProposer(Proposer):
+    """NACLIP on one loaded CLIP (module docstring). Thread-safe."""
+
+    name = "naclip"
+
+    def __init__(self, clip: LoadedClip, config: NaclipConfig, text: TextEncoder) -> None:
+        if config.background not in ("auto", "none"):
+            raise ValueError(f"background must be 'auto' or 'none', got {config.background!r}")
+        self.clip, self.config, self.text = clip, config, text
+        self._queries: dict[Vocabulary, tuple[torch.Tensor, list[int]]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def model_version(self) -> str:
+        c = self.config
+        return f"naclip-{self.clip.name}-std{c.gaussian_std:g}-pamr{c.pamr_steps}-v{__version__}"
+
+    @property
+    def cache_key(self) -> str:
+        c = self.config
+        return (
+            f"{self.model_version}-{self.clip.text_fingerprint}-{c.arch}-{c.short_side}-"
+            f"{c.slide_crop}/{c.slide_stride}-{c.pamr_dilations}-{c.max_side}"
+        )
+
+    # ---- encode: image only -------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, image: np.ndarray) -> Features:
+        """Features: ``windows`` (n, gh, gw, D) unit patch features (one tensor per window size,
+        ``feats_<i>``), ``affinity`` (16, *work) PAMR weights; meta: frames and window boxes."""
+        _check_image(image)
+        c = self.config
+        frames = Frames.for_image(image.shape[:2], c.short_side, max_side=c.max_side)
+        net = self._normalise(frames.to_network(image))
+        boxes = sliding_windows(*frames.network, c.slide_crop, c.slide_stride)
+        tensors = {f"feats_{i}": f for i, f in enumerate(self._window_features(net, boxes))}
+        if c.pamr_steps > 0:
+            tensors["affinity"] = pamr_affinity(frames.to_work(net), c.pamr_dilations)
+        return Features(image.shape[:2], tensors, {"frames": frames, "boxes": boxes})
+
+    def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+        mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+        std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+        return ((x - mean) / std).to(self.clip.device)
+
+    def _window_features(self, net: torch.Tensor, boxes: list) -> list[torch.Tensor]:
+        """(gh, gw, D) unit patch features per window, computed in batches of equal size."""
+        crops = [net[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(crops)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, crop in enumerate(crops):
+            by_size.setdefault(tuple(crop.shape), []).append(i)
+        patch = self.clip.patch_size
+        for shape, idx in by_size.items():
+            gh, gw = shape[1] // patch, shape[2] // patch
+            for start in range(0, len(idx), self.config.window_batch):
+                chunk = idx[start : start + self.config.window_batch]
+                batch = torch.stack([crops[i] for i in chunk])
+                tokens = naclip_tokens(self.clip.model.visual, batch, self.config.gaussian_std)
+                feats = F.normalize(tokens[:, 1:], dim=-1).reshape(len(chunk), gh, gw, -1)
+                for i, f in zip(chunk, feats, strict=True):
+                    out[i] = f.cpu()
+        return out
+
+    # ---- score: words -----------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
+        """Class probabilities (K, H, W) and the reference's per-pixel decision."""
+        vocab, hidden_bg = self._with_background(vocabulary)
+        text, query_idx = self._query_features(vocab)
+        frames: Frames = features.meta["frames"]
+        logits = frames.to_work(self._slide_logits(features, text, frames.network))
+        if "affinity" in features.tensors:
+            affinity = features.tensors["affinity"].to(logits.device)
+            logits = pamr_propagate(
+                affinity, logits, self.config.pamr_dilations, self.config.pamr_steps
+            )
+        bg = _background_index(vocab)
+        probs, pred = self._postprocess(logits, query_idx, self._threshold(bg), bg)
+        if hidden_bg:
+            probs, pred = probs[1:], pred - 1  # hidden background -> index -1 (no label)
+        scores = frames.to_original(probs).clamp_(0, 1).cpu().numpy()
+        assignment = _nearest(pred, frames.original).numpy().astype(np.int16)
+        return Proposal(vocabulary.names, scores.astype(np.float32, copy=False), assignment)
+
+    def _slide_logits(self, features: Features, text: torch.Tensor, size: tuple[int, int]):
+        """``forward_slide``: (Q, h, w) window-averaged cosine logits in the network frame."""
+        preds = torch.zeros(text.shape[0], *size)
+        count = torch.zeros(1, *size)
+        for i, (y1, y2, x1, x2) in enumerate(features.meta["boxes"]):
+            feats = features.tensors[f"feats_{i}"]
+            window = (feats @ text.T).permute(2, 0, 1)
+            window = F.interpolate(window[None], size=(y2 - y1, x2 - x1), mode="bilinear")[0]
+            preds[:, y1:y2, x1:x2] += window
+            count[:, y1:y2, x1:x2] += 1
+        return preds / count
+
+    def _postprocess(self, logits: torch.Tensor, query_idx: list[int], prob_thd: float, bg: int):
+        """``postprocess_result``: (K, H, W) renormalised probabilities, (H, W) int64 labels.
+
+        Pixels whose best class probability is below ``prob_thd`` go to class ``bg`` (the
+        reference's class 0, which is its background line); -1 when there is none.
+        """
+        probs = torch.softmax(logits * self.config.logit_scale, dim=0)
+        idx = torch.tensor(query_idx)
+        num_classes = int(idx.max()) + 1
+        if num_classes != len(query_idx):
+            probs = torch.stack([probs[idx == k].amax(dim=0) for k in range(num_classes)])
+        pred = probs.argmax(dim=0)
+        pred[probs.max(dim=0).values < prob_thd] = bg
+        return probs / probs.sum(dim=0, keepdim=True), pred
+
+    def _threshold(self, bg: int) -> float:
+        if self.config.prob_thd is not None:
+            return self.config.prob_thd
+        return 0.1 if bg >= 0 else 0.0
+
+    def _with_background(self, vocabulary: Vocabulary) -> tuple[Vocabulary, bool]:
+        has_bg = any(n.lower() == BACKGROUND for n in vocabulary.names)
+        if self.config.background == "none" or has_bg:
+            return vocabulary, False
+        taken = {s.lower() for syns in vocabulary.synonyms for s in syns}
+        stuff = tuple(s for s in load("voc21").synonyms[0] if s.lower() not in taken)
+        names = (BACKGROUND, *vocabulary.names)
+        synonyms = (stuff or (BACKGROUND,), *vocabulary.synonyms)
+        return Vocabulary(names, synonyms, vocabulary.templates, vocabulary.name), True
+
+    def _query_features(self, vocab: Vocabulary) -> tuple[torch.Tensor, list[int]]:
+        with self._lock:
+            cached = self._queries.get(vocab)
+        if cached is None:
+            cached = self.text.query_features(vocab)
+            with self._lock:
+                if len(self._queries) > 32:
+                    self._queries.clear()
+                self._queries[vocab] = cached
+        return cached
+
+
+def _background_index(vocab: Vocabulary) -> int:
+    lowered = [n.lower() for n in vocab.names]
+    return lowered.index(BACKGROUND) if BACKGROUND in lowered else -1
+
+
+def _nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(labels.shape) == tuple(size):
+        return labels
+    return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"image is empty: {image.shape}")
+
+
+@register_proposer("naclip")
+def create_naclip(
+    *,
+    tiny: bool | None = None,
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    text_cache: Any = None,
+    **options: Any,
+) -> NaclipProposer:
+    """Builds NACLIP; ``options`` are :class:`NaclipConfig` fields."""
+    config = NaclipConfig(**options)
+    clip = build_clip(config.model, checkpoint=checkpoint, tiny=tiny, device=device)
+    return NaclipProposer(clip, config, TextEncoder(clip, cache=text_cache))

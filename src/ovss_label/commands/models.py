@@ -1,0 +1,87 @@
+"""``ovss-label models list|pull|verify``: the weight table and the files on this machine."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+
+@click.group("models")
+def models() -> None:
+    """Model weights: what the backend uses, where the files are, whether they are intact."""
+
+
+@models.command("list")
+def list_() -> None:
+    """The weight table and whether each file is in the weights directory."""
+    from ovss_label.backend.models import WEIGHTS, weights_dir
+
+    table = Table(title=f"weights in {weights_dir()} (set OVSS_WEIGHTS_DIR)")
+    for column in ("name", "file", "MB", "licence", "present", "source"):
+        table.add_column(column)
+    for spec in WEIGHTS.values():
+        present = "yes" if (weights_dir() / spec.file).is_file() else "no"
+        table.add_row(spec.name, spec.file, str(spec.size_mb), spec.licence, present, spec.url)
+    Console().print(table)
+
+
+@models.command("pull")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Download even if a verified file is present.")
+def pull(names: tuple[str, ...], force: bool) -> None:
+    """Download weights into the weights directory, checking their sha256."""
+    from ovss_label.backend.models import get_spec
+    from ovss_label.backend.models.download import DownloadError
+    from ovss_label.backend.models.download import pull as fetch
+
+    for name in names:
+        try:
+            spec = get_spec(name)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        with Progress(
+            *Progress.get_default_columns(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+        ) as bar:
+            job = bar.add_task(spec.file, total=spec.size_mb * 1_000_000 or None)
+            try:
+                path = fetch(
+                    spec,
+                    force=force,
+                    progress=lambda done, total, job=job: bar.update(
+                        job, completed=done, total=total
+                    ),
+                )
+            except DownloadError as exc:
+                raise click.ClickException(str(exc)) from exc
+        click.echo(f"{spec.name}: {path}")
+
+
+@models.command("verify")
+@click.argument("names", nargs=-1)
+def verify(names: tuple[str, ...]) -> None:
+    """Check the sha256 of weight files (all table entries when no NAME is given).
+
+    Exits with status 1 if a present file does not match its sha256.
+    """
+    from ovss_label.backend.models import WEIGHTS, get_spec
+    from ovss_label.backend.models.download import verify as check
+
+    try:
+        specs = [get_spec(n) for n in names] if names else list(WEIGHTS.values())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    table = Table(title="weight files")
+    for column in ("name", "status", "path"):
+        table.add_column(column)
+    results = [check(spec) for spec in specs]
+    for result in results:
+        style = {"ok": "green", "missing": "yellow", "mismatch": "red"}[result.status]
+        table.add_row(result.spec.name, f"[{style}]{result.status}[/]", str(result.path or "-"))
+    Console().print(table)
+    if any(r.status == "mismatch" for r in results):
+        raise SystemExit(1)

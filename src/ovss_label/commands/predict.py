@@ -1,0 +1,162 @@
+"""``ovss-label predict``: pre-annotate image files for a Label Studio import."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ovss_label.converters import CocoWriter, write_json_atomic
+from ovss_label.ontologies import Vocabulary, label_config, load
+
+METHODS = ("naclip",)
+FORMATS = ("brush", "polygon", "both")
+
+
+def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None) -> Vocabulary:
+    given = [x for x in (labels, ontology, config_xml) if x]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --labels, --ontology, --label-config")
+    try:
+        if labels:
+            return Vocabulary.from_labels(labels)
+        if ontology:
+            return load(ontology)
+        return Vocabulary.from_label_config(str(config_xml))
+    except (ValueError, KeyError) as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.command("predict")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--labels", help='Comma-separated label names, e.g. "cat, dog".')
+@click.option("--ontology", help="A named ontology (ovss-label ontology list), e.g. voc.")
+@click.option(
+    "--label-config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The project's labeling config XML: labels, synonyms and control names.",
+)
+@click.option("--method", type=click.Choice(METHODS), default="naclip", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), help="Default: brush (or the config's)."
+)
+@click.option("--coco", type=click.Path(dir_okay=False, path_type=Path), help="Also write COCO.")
+@click.option("--overlays", type=click.Path(file_okay=False, path_type=Path), help="PNG folder.")
+@click.option("--min-area", default=0.001, show_default=True, help="Smallest part, image fraction.")
+@click.option("--split", type=click.Choice(["components", "class"]), default="components")
+@click.option(
+    "--document-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    help="Label Studio LOCAL_FILES_DOCUMENT_ROOT; URLs are relative to it.",
+)
+@click.option("--url-prefix", default="/data/local-files/?d=", show_default=True)
+@click.option(
+    "--background",
+    type=click.Choice(["auto", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: add NACLIP's stuff queries as a hidden background.",
+)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Explicit weight file.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option(
+    "--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing tests)."
+)
+@click.option("--fail-on-skip", is_flag=True, help="Exit with status 1 if an image was skipped.")
+def predict(
+    paths,
+    labels,
+    ontology,
+    config_path,
+    method,
+    output,
+    fmt,
+    coco,
+    overlays,
+    min_area,
+    split,
+    document_root,
+    url_prefix,
+    background,
+    checkpoint,
+    device,
+    tiny,
+    fail_on_skip,
+) -> None:
+    """Pre-annotate images (files, folders, globs) with open-vocabulary masks.
+
+    Writes OUTPUT, a Label Studio import file (one task per image, with predictions). With
+    --labels or --ontology it also writes OUTPUT's labeling config (*.label_config.xml) for a
+    project that accepts the predictions. Images are referenced by local-files URLs relative to
+    --document-root.
+    """
+    from ovss_label.backend.predict import Output, collect_images, local_files_url, predict_files
+    from ovss_label.backend.proposers import FeatureCache, PostprocessConfig, create_proposer
+
+    config_xml = config_path.read_text(encoding="utf-8") if config_path else None
+    vocab = _vocabulary(labels, ontology, config_xml)
+    try:
+        images = collect_images(paths)
+        target = Output.from_label_config(config_xml, fmt) if config_xml else Output(fmt or "brush")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if tiny:
+        os.environ["OVSS_TINY"] = "1"
+    proposer = create_proposer(
+        method, tiny=tiny or None, checkpoint=checkpoint, device=device, background=background
+    )
+    writer = CocoWriter(vocab.names) if coco else None
+    if overlays:
+        overlays.mkdir(parents=True, exist_ok=True)
+    with _progress() as bar:
+        job = bar.add_task("predicting", total=len(images))
+        tasks, report = predict_files(
+            proposer,
+            vocab,
+            images,
+            output=target,
+            url_for=lambda p: local_files_url(p, document_root, url_prefix),
+            postprocess=PostprocessConfig(min_area=min_area, split=split),
+            cache=FeatureCache(),
+            coco=writer,
+            overlay_dir=overlays,
+            advance=lambda p: bar.update(job, advance=1, description=p.name),
+        )
+    write_json_atomic(output, tasks, indent=1)
+    if not config_xml:
+        config_path = output.with_name(output.stem + ".label_config.xml")
+        config_path.write_text(label_config(vocab, target.kind), encoding="utf-8")
+    if writer:
+        write_json_atomic(coco, writer.to_dict())
+    _summary(report, output, proposer.model_version)
+    if report.failed and fail_on_skip:
+        raise SystemExit(1)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def _summary(report, output: Path, version: str) -> None:
+    console = Console(stderr=True)
+    table = Table(title=f"predict -> {output} ({version})")
+    table.add_column("images predicted", justify="right")
+    table.add_column("instances", justify="right")
+    table.add_column("skipped", justify="right")
+    table.add_row(str(report.predicted), str(report.instances), str(len(report.failed)))
+    console.print(table)
+    for path, reason in report.failed:
+        console.print(f"[yellow]skipped[/] {path}: {reason}")
