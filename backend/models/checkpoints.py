@@ -5,8 +5,9 @@ Formats read (open_clip ``factory.py`` ``load_state_dict``, timm ``_helpers.py``
 - ``*.safetensors``: ``safetensors.torch.load_file`` (no code can run).
 - TorchScript archives (the OpenAI CLIP ``.pt`` files are these): ``torch.jit.load`` on CPU and
   only the archive's ``state_dict()`` is kept; none of its methods is ever called. This is the
-  same read as ``open_clip.load_openai_model``. ``weights_only=True`` cannot read such
-  archives (torch >= 2.6 raises), so they are recognised by their zip layout first.
+  same read as ``open_clip.load_openai_model``. ``weights_only=True`` is no guard for such
+  archives (torch 2.6 raises, newer torch silently dispatches to ``torch.jit.load``), so they
+  are recognised by their zip layout first and handled explicitly.
 - anything else: ``torch.load(map_location="cpu", weights_only=True)``; a file that needs full
   unpickling is refused with the reason, never loaded unsafely.
 
@@ -18,6 +19,7 @@ the keys.
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -57,7 +59,7 @@ def read_state_dict(path: Path) -> StateDict:
                 archive = torch.jit.load(str(path), map_location="cpu")
             return {k: v.detach() for k, v in archive.state_dict().items()}
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError) as exc:
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(loaded, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, not tensors")

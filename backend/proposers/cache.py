@@ -92,5 +92,5 @@ def propose(
     proposer: Proposer, image: np.ndarray, vocabulary: Vocabulary, cache: FeatureCache | None
 ) -> Proposal:
     """``score(encode(image))`` with features from ``cache`` when given."""
-    features = cache.features(proposer, image) if cache else proposer.encode(image)
+    features = cache.features(proposer, image) if cache is not None else proposer.encode(image)
     return proposer.score(features, vocabulary)

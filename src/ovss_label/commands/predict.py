@@ -109,9 +109,12 @@ def predict(
         raise click.UsageError(str(exc)) from exc
     if tiny:
         os.environ["OVSS_TINY"] = "1"
-    proposer = create_proposer(
-        method, tiny=tiny or None, checkpoint=checkpoint, device=device, background=background
-    )
+    try:
+        proposer = create_proposer(
+            method, tiny=tiny or None, checkpoint=checkpoint, device=device, background=background
+        )
+    except (FileNotFoundError, ValueError) as exc:  # missing weight, unreadable checkpoint
+        raise click.ClickException(str(exc)) from exc
     writer = CocoWriter(vocab.names) if coco else None
     if overlays:
         overlays.mkdir(parents=True, exist_ok=True)

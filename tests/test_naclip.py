@@ -1,0 +1,168 @@
+"""NACLIP pieces, each against formulas written independently here (algorithms.md §1, §5)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovss_label.backend.models.clip_text import TextEncoder
+from ovss_label.backend.models.naclip_vit import (
+    gaussian_omega,
+    interpolate_pos_embed,
+    naclip_tokens,
+)
+from ovss_label.backend.proposers.frames import Frames, sliding_windows
+from ovss_label.backend.proposers.naclip import NaclipConfig, NaclipProposer
+from ovss_label.ontologies import Vocabulary
+
+
+def _omega_by_convolution(h: int, w: int, std: float) -> torch.Tensor:
+    """The reference construction: a (2h-1, 2w-1) Gaussian window convolved with one-hot maps."""
+    ks = [
+        torch.linspace(-(n - 1) / 2, (n - 1) / 2, n) / (std * math.sqrt(2))
+        for n in (2 * h - 1, 2 * w - 1)
+    ]
+    window = torch.exp(-(torch.stack(torch.meshgrid(*ks, indexing="ij")) ** 2).sum(0))
+    onehots = torch.eye(h * w).view(h * w, 1, h, w)
+    out = F.conv2d(onehots, window[None, None], padding="same").view(h * w, h * w)
+    return F.pad(out, (1, 0, 1, 0))
+
+
+@pytest.mark.parametrize(("h", "w"), [(5, 7), (14, 14), (3, 1)])
+def test_omega_is_the_unnormalised_gaussian_with_zero_cls(h, w):
+    omega = gaussian_omega(h, w, 5.0)
+    torch.testing.assert_close(omega, _omega_by_convolution(h, w, 5.0), atol=1e-6, rtol=0)
+    assert omega[0].abs().sum() == 0 and omega[:, 0].abs().sum() == 0
+    assert torch.allclose(omega[1:, 1:].diagonal(), torch.ones(h * w))  # peak 1, not normalised
+    # Patch (0, 0) to patch (0, 1): distance 1 -> exp(-1 / 50).
+    if w > 1:
+        assert math.isclose(float(omega[1, 2]), math.exp(-1 / 50), rel_tol=1e-6)
+
+
+def test_position_embedding_interpolation_uses_the_plus_point_one_scale():
+    pos = torch.randn(1 + 14 * 14, 8)
+    out = interpolate_pos_embed(pos, 21, 28)
+    grid = pos[1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    expected = F.interpolate(
+        grid, scale_factor=(21.1 / 14, 28.1 / 14), mode="bicubic", recompute_scale_factor=False
+    )
+    assert torch.equal(out[1:], expected.permute(0, 2, 3, 1).reshape(-1, 8))
+    assert torch.equal(out[0], pos[0])
+    by_size = F.interpolate(grid, size=(21, 28), mode="bicubic").permute(0, 2, 3, 1).reshape(-1, 8)
+    assert not torch.allclose(out[1:], by_size)  # why the exact call matters (check E3)
+    assert interpolate_pos_embed(pos, 7, 28) is pos  # same token count: the reference keeps it
+
+
+def test_neighbour_aware_tower_recomputed_by_hand(tiny_clip):
+    visual = tiny_clip.model.visual
+    images = torch.randn(2, 3, 48, 64)
+    ours = naclip_tokens(visual, images, std=5.0)
+    with torch.no_grad():
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], dim=1)
+        x = visual.ln_pre(x + interpolate_pos_embed(visual.positional_embedding, 3, 4))
+        x = visual.transformer.resblocks[0](x)
+        last = visual.transformer.resblocks[-1]
+        y = last.ln_1(x)
+        w, b = last.attn.in_proj_weight, last.attn.in_proj_bias
+        k = y @ w[64:128].T + b[64:128]
+        v = y @ w[128:].T + b[128:]
+        omega = _omega_by_convolution(3, 4, 5.0)
+        attn = torch.softmax(k @ k.transpose(1, 2) / 8.0 + omega, dim=-1)  # 1 head of 64
+        out = last.attn.out_proj(attn @ v)  # no residual, no FFN
+        expected = visual.ln_post(out) @ visual.proj
+    assert ours.shape == (2, 13, 32)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_windows_tile_like_mmseg():
+    boxes = sliding_windows(336, 500, 224, 112)
+    assert len(boxes) == 2 * 4
+    cover = np.zeros((336, 500), int)
+    for y1, y2, x1, x2 in boxes:
+        assert (y2 - y1, x2 - x1) == (224, 224)
+        cover[y1:y2, x1:x2] += 1
+    assert cover.min() >= 1 and boxes[-1] == (112, 336, 276, 500)  # last one shifted inside
+    assert sliding_windows(336, 448, 0, 112) == [(0, 336, 0, 448)]
+    assert sliding_windows(100, 150, 224, 112) == [(0, 100, 0, 150)]
+
+
+def test_frames_follow_mmseg_resize():
+    assert Frames.for_image((480, 640), 336).network == (336, 448)
+    assert Frames.for_image((375, 500), 336).network == (336, 448)
+    tall = Frames.for_image((100, 3000), 336)
+    assert tall.network == (68, 2048)  # long side capped at 2048
+    big = Frames.for_image((3000, 4000), 336, max_side=2048)
+    assert big.work == (1536, 2048) and big.original == (3000, 4000)
+
+
+@pytest.fixture(scope="module")
+def proposer(tiny_clip):
+    config = NaclipConfig(background="none", slide_crop=32, slide_stride=16, short_side=48)
+    return NaclipProposer(tiny_clip, config, TextEncoder(tiny_clip))
+
+
+def _image(h=60, w=90, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_proposal_contract(proposer):
+    vocab = Vocabulary(("cat", "person"), (("cat",), ("person", "person in shirt")))
+    image = _image()
+    proposal = proposer.score(proposer.encode(image), vocab)
+    assert proposal.scores.shape == (2, 60, 90) and proposal.scores.dtype == np.float32
+    assert proposal.scores.min() >= 0 and proposal.scores.max() <= 1
+    np.testing.assert_allclose(proposal.scores.sum(0), 1, atol=1e-5)
+    np.testing.assert_array_equal(proposal.assignment, proposal.scores.argmax(0))
+    again = proposer.score(proposer.encode(image), vocab)
+    np.testing.assert_array_equal(proposal.scores, again.scores)  # deterministic
+
+
+def test_postprocess_takes_synonym_max_then_threshold_then_renormalises(proposer):
+    # Two classes, the second with two synonyms; logits chosen by hand at 2 pixels.
+    logits = torch.tensor([[0.30, 0.10], [0.20, 0.10], [0.25, 0.10]]).view(3, 1, 2)
+    probs, pred = proposer._postprocess(logits, [0, 1, 1], prob_thd=0.5, bg=-1)
+    soft = torch.softmax(logits * 40, dim=0)
+    per_class = torch.stack([soft[0], torch.maximum(soft[1], soft[2])])
+    torch.testing.assert_close(probs, per_class / per_class.sum(0))
+    # pixel 0: class 0 wins with p > 0.5; pixel 1: all equal (1/3 < 0.5) -> no class.
+    assert pred.flatten().tolist() == [0, -1]
+
+
+def test_cached_features_serve_any_vocabulary(proposer):
+    image = _image(seed=3)
+    features = proposer.encode(image)
+    for vocab in (Vocabulary.from_labels("a, b, c"), Vocabulary.from_labels("dog")):
+        fresh = proposer.score(proposer.encode(image), vocab)
+        np.testing.assert_array_equal(proposer.score(features, vocab).scores, fresh.scores)
+
+
+def test_window_batching_does_not_change_results(tiny_clip, proposer):
+    single = NaclipProposer(
+        tiny_clip, NaclipConfig(**{**proposer.config.__dict__, "window_batch": 1}), proposer.text
+    )
+    image, vocab = _image(seed=4), Vocabulary.from_labels("a, b")
+    a = proposer.score(proposer.encode(image), vocab).scores
+    b = single.score(single.encode(image), vocab).scores
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_auto_background_is_hidden_and_unlabels_pixels(tiny_clip):
+    config = NaclipConfig(slide_crop=32, slide_stride=16, short_side=48)
+    auto = NaclipProposer(tiny_clip, config, TextEncoder(tiny_clip))
+    vocab = Vocabulary.from_labels("cat, sky")  # 'sky' is a label, so not a background query
+    extended, hidden = auto._with_background(vocab)
+    assert hidden and extended.names[0] == "background" and "sky" not in extended.synonyms[0]
+    assert len(extended.synonyms[0]) == 25
+    proposal = auto.score(auto.encode(_image(seed=5)), vocab)
+    assert proposal.scores.shape[0] == 2 and proposal.assignment.min() >= -1
+    assert auto._threshold(0) == 0.1 and auto._threshold(-1) == 0.0
+
+
+def test_bad_images_are_refused_with_the_reason(proposer):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        proposer.encode(np.zeros((10, 10), np.uint8))

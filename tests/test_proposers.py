@@ -1,0 +1,144 @@
+"""The interface, the registry, the feature cache and post-processing, with stub proposers."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers import disc
+
+from ovss_label.backend.proposers import (
+    FeatureCache,
+    Features,
+    PostprocessConfig,
+    Proposal,
+    Proposer,
+    available_proposers,
+    create_proposer,
+    proposal_to_instances,
+    propose,
+)
+from ovss_label.converters import Instance
+from ovss_label.ontologies import Vocabulary
+
+
+class PaintingProposer(Proposer):
+    """Paints known shapes: class k scores 1 inside disc k. Counts encode calls."""
+
+    name = "paint"
+
+    def __init__(self):
+        self.encodes = 0
+        self.lock = threading.Lock()
+
+    @property
+    def model_version(self) -> str:
+        return "paint-1"
+
+    def encode(self, image):
+        with self.lock:
+            self.encodes += 1
+        return Features(image.shape[:2], {"pixels": torch.from_numpy(image.copy())})
+
+    def score(self, features, vocabulary):
+        h, w = features.image_hw
+        scores = np.zeros((len(vocabulary), h, w), np.float32)
+        for k in range(len(vocabulary)):
+            scores[k][disc(h, w, 20 + 40 * k, 30, 12)] = 0.9
+        return Proposal(vocabulary.names, scores)
+
+
+def test_registry_lists_and_builds_naclip():
+    assert "naclip" in available_proposers()
+    with pytest.raises(ValueError, match=r"available: .*naclip"):
+        create_proposer("nope")
+    naclip = create_proposer("naclip", tiny=True)
+    assert naclip.model_version.startswith("naclip-clip_tiny")
+
+
+def test_proposal_validates_shapes():
+    with pytest.raises(ValueError, match=r"scores must be \(2, H, W\)"):
+        Proposal(("a", "b"), np.zeros((3, 4, 4), np.float32))
+
+
+def test_cache_encodes_each_image_once_per_proposer():
+    proposer, cache = PaintingProposer(), FeatureCache()
+    image = np.zeros((60, 100, 3), np.uint8)
+    for labels in ("a", "a, b", "b, c"):
+        propose(proposer, image, Vocabulary.from_labels(labels), cache)
+    assert proposer.encodes == 1 and (cache.hits, cache.misses) == (2, 1)
+    propose(proposer, image + 1, Vocabulary.from_labels("a"), cache)  # other pixels
+    assert proposer.encodes == 2
+
+
+def test_cache_evicts_least_recently_used_within_budget():
+    def feats(n_bytes):
+        return Features((1, 1), {"x": torch.zeros(n_bytes // 4)})
+
+    cache = FeatureCache(max_bytes=1000)
+    cache.put(("a", "p"), feats(400))
+    cache.put(("b", "p"), feats(400))
+    assert cache.get(("a", "p")) is not None  # a is now most recent
+    cache.put(("c", "p"), feats(400))
+    assert cache.get(("b", "p")) is None and cache.get(("a", "p")) is not None
+    assert cache.nbytes == 800 and len(cache) == 2
+    cache.put(("huge", "p"), feats(4000))
+    assert cache.get(("huge", "p")) is None and len(cache) == 2
+
+
+def test_cache_is_thread_safe():
+    proposer, cache = PaintingProposer(), FeatureCache(max_bytes=10 * 60 * 100 * 3)
+    images = [np.full((60, 100, 3), i, np.uint8) for i in range(20)]
+    errors = []
+
+    def work(offset):
+        try:
+            for i in range(40):
+                image = images[(i + offset) % 20]
+                assert cache.features(proposer, image).tensors["pixels"][0, 0, 0] == image[0, 0, 0]
+        except AssertionError as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and cache.nbytes <= cache.max_bytes and len(cache) <= 10
+
+
+def test_painted_shapes_become_instances_with_scores():
+    proposal = PaintingProposer().score(Features((60, 120), {}), Vocabulary.from_labels("a, b"))
+    instances = proposal_to_instances(proposal, PostprocessConfig())
+    assert [i.label for i in instances] == ["a", "b"]
+    for k, inst in enumerate(instances):
+        assert np.array_equal(inst.mask, disc(60, 120, 20 + 40 * k, 30, 12))
+        assert inst.score == pytest.approx(0.9)
+
+
+def test_components_min_area_background_and_holes():
+    scores = np.zeros((3, 50, 50), np.float32)
+    scores[1, 5:25, 5:25] = 0.8  # a square with a hole
+    scores[1, 12:16, 12:16] = 0.0
+    scores[1, 40:42, 40:42] = 0.8  # a 4-px blob: below min_area
+    scores[1, 30:40, 5:15] = 0.6  # a second component
+    scores[0] = 0.7 * (scores[1] == 0)  # background everywhere else
+    proposal = Proposal(("background", "cat", "dog"), scores)
+    instances = proposal_to_instances(proposal, PostprocessConfig(min_area=0.002))
+    assert [i.label for i in instances] == ["cat", "cat"] and instances[0].score == pytest.approx(
+        0.8
+    )
+    assert instances[0].has_holes() and instances[0].area == 400 - 16
+    merged = proposal_to_instances(proposal, PostprocessConfig(min_area=0.0, split="class"))
+    assert len(merged) == 1 and merged[0].area == 400 - 16 + 4 + 100
+
+
+def test_method_instances_resolve_overlaps_by_score():
+    a = Instance(disc(40, 40, 15, 20, 10), "a", 0.9)
+    b = Instance(disc(40, 40, 25, 20, 10), "b", 0.5)
+    proposal = Proposal(("a", "b"), np.zeros((2, 40, 40), np.float32), instances=[b, a])
+    kept = proposal_to_instances(proposal, PostprocessConfig(min_area=0.0))
+    assert [i.label for i in kept] == ["a", "b"]
+    assert np.array_equal(kept[0].mask, a.mask) and not (kept[1].mask & a.mask).any()
