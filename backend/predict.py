@@ -87,7 +87,8 @@ class Output:
             raise ValueError(
                 f"--format {kind} needs a {missing[0]} control; config has {available}"
             )
-        control = brush or polygon
+        control = brush if brush is not None else polygon
+        assert control is not None  # `available` is not empty
         to_name = control.to_name[0]
         image = next(o for o in interface.objects if o.name == to_name)
         return cls(
@@ -100,13 +101,14 @@ class Output:
 
     def results(self, instances: list[Instance]) -> list[dict[str, Any]]:
         """Label Studio result items for one image's instances."""
-        return instances_to_results(
+        results: list[dict[str, Any]] = instances_to_results(
             instances,
-            self.kind,  # type: ignore[arg-type]
+            self.kind,
             brush_name=self.brush_name,
             polygon_name=self.polygon_name,
             to_name=self.to_name,
         )
+        return results
 
 
 @dataclass

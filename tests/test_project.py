@@ -91,7 +91,8 @@ def test_ci_runs_exactly_the_readme_commands() -> None:
     [
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
-        ["mypy", "--strict", "converters", "ontologies"],
+        ["mypy", "--strict", "converters", "ontologies", "backend"],
+        ["mypy", "src"],
     ],
     ids=" ".join,
 )

@@ -56,7 +56,7 @@ def read_state_dict(path: Path) -> StateDict:
         if is_torchscript(path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # jit is deprecated, files are not
-                archive = torch.jit.load(str(path), map_location="cpu")
+                archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             return {k: v.detach() for k, v in archive.state_dict().items()}
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
@@ -158,4 +158,4 @@ def save_torchscript_state(sd: StateDict, path: Path) -> None:
             module.register_buffer(leaf, value.clone())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(root).save(str(path))
+        torch.jit.script(root).save(str(path))  # type: ignore[no-untyped-call]

@@ -40,7 +40,7 @@ TINY_CLIP_CFG: dict[str, Any] = {
 
 
 def _openai_cfg(arch: str) -> dict[str, Any]:
-    cfg = copy.deepcopy(get_model_config(arch))
+    cfg: dict[str, Any] = copy.deepcopy(get_model_config(arch))
     cfg["quick_gelu"] = True  # OpenAI weights were trained with QuickGELU
     return cfg
 
@@ -101,7 +101,8 @@ class LoadedClip:
     @property
     def device(self) -> torch.device:
         """The device of the weights."""
-        return self.model.visual.conv1.weight.device
+        device: torch.device = self.model.visual.conv1.weight.device
+        return device
 
 
 def _create_clip(cfg: dict[str, Any], seed: int = 0) -> CLIP:

@@ -19,10 +19,12 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 from ovss_label.ontologies import Vocabulary
 
@@ -38,7 +40,7 @@ def cache_dir() -> Path:
 
 
 @torch.no_grad()
-def encode_tokens_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_tokens_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """``model.encode_text(tokens)`` computed on the first L positions only (module docstring).
 
     Args:
@@ -56,7 +58,8 @@ def encode_tokens_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]
-    return pooled @ model.text_projection
+    projected: torch.Tensor = pooled @ model.text_projection
+    return projected
 
 
 class PromptCache:
@@ -72,9 +75,9 @@ class PromptCache:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30)
 
-    def get(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+    def get(self, prompts: Sequence[str]) -> dict[str, NDArray[Any]]:
         """The cached (D,) float32 embeddings among ``prompts``."""
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, NDArray[Any]] = {}
         with self._lock, self._connect() as db:
             for start in range(0, len(prompts), 500):  # SQLite caps bound parameters
                 chunk = list(prompts[start : start + 500])
@@ -83,7 +86,7 @@ class PromptCache:
                 found.update((p, np.frombuffer(v, dtype=np.float32)) for p, v in rows)
         return found
 
-    def put(self, items: dict[str, np.ndarray]) -> None:
+    def put(self, items: dict[str, NDArray[Any]]) -> None:
         """Stores (D,) float32 embeddings."""
         rows = [(p, np.asarray(v, np.float32).tobytes()) for p, v in items.items()]
         with self._lock, self._connect() as db:
@@ -124,10 +127,10 @@ class TextEncoder:
                 self.cache.put(fresh)
         return torch.from_numpy(np.stack([known[p] for p in prompts]))
 
-    def _encode(self, prompts: list[str], progress: Progress | None) -> dict[str, np.ndarray]:
+    def _encode(self, prompts: list[str], progress: Progress | None) -> dict[str, NDArray[Any]]:
         tokens = self.tokenizer(prompts)
         order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # shortest first
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, NDArray[Any]] = {}
         device = self.clip.device
         for start in range(0, len(prompts), self.batch_size):
             idx = order[start : start + self.batch_size]

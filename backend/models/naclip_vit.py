@@ -20,6 +20,7 @@ open_clip is batch-first (B, L, C); the reference is LND. Shapes below are batch
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,9 @@ def interpolate_pos_embed(pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.
     return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(-1, dim)], dim=0)
 
 
-def neighbour_attention(attn: nn.MultiheadAttention, x: torch.Tensor, omega: torch.Tensor):
+def neighbour_attention(
+    attn: nn.MultiheadAttention, x: torch.Tensor, omega: torch.Tensor
+) -> torch.Tensor:
     """NACLIP attention: ``out_proj(softmax(K Kᵀ·d^-1/2 + Ω) V)`` (the query is unused).
 
     Args:
@@ -103,12 +106,13 @@ def neighbour_attention(attn: nn.MultiheadAttention, x: torch.Tensor, omega: tor
     v = v.reshape(b, length, heads, width // heads).transpose(1, 2)
     # SDPA computes softmax(q kᵀ / sqrt(d) + mask) v; with q = k that is the key-key attention.
     out = F.scaled_dot_product_attention(k, k, v, attn_mask=omega.to(x.dtype))
-    return attn.out_proj(out.transpose(1, 2).reshape(b, length, width))
+    projected: torch.Tensor = attn.out_proj(out.transpose(1, 2).reshape(b, length, width))
+    return projected
 
 
 @torch.no_grad()
 def naclip_tokens(
-    visual: nn.Module, images: torch.Tensor, std: float = 5.0, arch: str = "reduced"
+    visual: Any, images: torch.Tensor, std: float = 5.0, arch: str = "reduced"
 ) -> torch.Tensor:
     """All output tokens of NACLIP's vision tower.
 
@@ -140,4 +144,5 @@ def naclip_tokens(
     if arch == "vanilla":
         out = x + out
         out = out + last.mlp(last.ln_2(out))
-    return visual.ln_post(out) @ visual.proj
+    tokens: torch.Tensor = visual.ln_post(out) @ visual.proj
+    return tokens

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
 from ovss_label.ontologies import Vocabulary
@@ -61,8 +61,8 @@ class Proposal:
     """
 
     labels: tuple[str, ...]
-    scores: np.ndarray
-    assignment: np.ndarray | None = None
+    scores: NDArray[Any]
+    assignment: NDArray[Any] | None = None
     instances: list[Instance] | None = None
 
     def __post_init__(self) -> None:
@@ -89,7 +89,7 @@ class Proposer(ABC):
         return self.model_version
 
     @abstractmethod
-    def encode(self, image: np.ndarray) -> Features:
+    def encode(self, image: NDArray[Any]) -> Features:
         """Image-dependent work. ``image``: (H, W, 3) uint8 RGB, EXIF orientation applied."""
 
     @abstractmethod

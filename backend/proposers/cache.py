@@ -10,15 +10,17 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ovss_label.ontologies import Vocabulary
 
 from .base import Features, Proposal, Proposer
 
 
-def image_key(image: np.ndarray) -> str:
+def image_key(image: NDArray[Any]) -> str:
     """sha256 of an image's shape, dtype and pixels (hex)."""
     digest = hashlib.sha256(f"{image.shape}{image.dtype}".encode())
     digest.update(np.ascontiguousarray(image).data)
@@ -73,7 +75,7 @@ class FeatureCache:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes
 
-    def features(self, proposer: Proposer, image: np.ndarray) -> Features:
+    def features(self, proposer: Proposer, image: NDArray[Any]) -> Features:
         """Cached features of ``image``, encoding on a miss.
 
         Two threads missing the same key at once both encode (no lock is held while encoding,
@@ -89,7 +91,7 @@ class FeatureCache:
 
 
 def propose(
-    proposer: Proposer, image: np.ndarray, vocabulary: Vocabulary, cache: FeatureCache | None
+    proposer: Proposer, image: NDArray[Any], vocabulary: Vocabulary, cache: FeatureCache | None
 ) -> Proposal:
     """``score(encode(image))`` with features from ``cache`` when given."""
     features = cache.features(proposer, image) if cache is not None else proposer.encode(image)

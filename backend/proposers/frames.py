@@ -18,11 +18,12 @@ Sliding windows live in the network frame (mmseg ``slide_inference`` as in NACLI
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 
 def _scaled(size: tuple[int, int], factor: float) -> tuple[int, int]:
@@ -54,7 +55,7 @@ class Frames:
         work = original if max(h, w) <= max_side else _scaled(original, max_side / max(h, w))
         return cls(original, _scaled(original, factor), work)
 
-    def to_network(self, image: np.ndarray) -> np.ndarray:
+    def to_network(self, image: NDArray[Any]) -> NDArray[Any]:
         """(H, W, 3) uint8 original -> network frame, bilinear (cv2, as mmcv)."""
         h, w = self.network
         if (h, w) == image.shape[:2]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 from ovss_label import __version__
 from ovss_label.ontologies import Vocabulary, load
@@ -96,26 +97,29 @@ class NaclipProposer(Proposer):
 
     # ---- encode: image only -------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, image: np.ndarray) -> Features:
+    def encode(self, image: NDArray[Any]) -> Features:
         """Features: ``windows`` (n, gh, gw, D) unit patch features (one tensor per window size,
         ``feats_<i>``), ``affinity`` (16, *work) PAMR weights; meta: frames and window boxes."""
         _check_image(image)
         c = self.config
-        frames = Frames.for_image(image.shape[:2], c.short_side, max_side=c.max_side)
+        size = (int(image.shape[0]), int(image.shape[1]))
+        frames = Frames.for_image(size, c.short_side, max_side=c.max_side)
         net = self._normalise(frames.to_network(image))
         boxes = sliding_windows(*frames.network, c.slide_crop, c.slide_stride)
         tensors = {f"feats_{i}": f for i, f in enumerate(self._window_features(net, boxes))}
         if c.pamr_steps > 0:
             tensors["affinity"] = pamr_affinity(frames.to_work(net), c.pamr_dilations)
-        return Features(image.shape[:2], tensors, {"frames": frames, "boxes": boxes})
+        return Features(size, tensors, {"frames": frames, "boxes": boxes})
 
-    def _normalise(self, rgb: np.ndarray) -> torch.Tensor:
+    def _normalise(self, rgb: NDArray[Any]) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
         mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
         std = torch.tensor(PIXEL_STD).view(3, 1, 1)
         return ((x - mean) / std).to(self.clip.device)
 
-    def _window_features(self, net: torch.Tensor, boxes: list) -> list[torch.Tensor]:
+    def _window_features(
+        self, net: torch.Tensor, boxes: list[tuple[int, int, int, int]]
+    ) -> list[torch.Tensor]:
         """(gh, gw, D) unit patch features per window, computed in batches of equal size."""
         crops = [net[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes]
         out: list[torch.Tensor] = [torch.empty(0)] * len(crops)
@@ -155,7 +159,9 @@ class NaclipProposer(Proposer):
         assignment = _nearest(pred, frames.original).numpy().astype(np.int16)
         return Proposal(vocabulary.names, scores.astype(np.float32, copy=False), assignment)
 
-    def _slide_logits(self, features: Features, text: torch.Tensor, size: tuple[int, int]):
+    def _slide_logits(
+        self, features: Features, text: torch.Tensor, size: tuple[int, int]
+    ) -> torch.Tensor:
         """``forward_slide``: (Q, h, w) window-averaged cosine logits in the network frame."""
         preds = torch.zeros(text.shape[0], *size)
         count = torch.zeros(1, *size)
@@ -167,7 +173,9 @@ class NaclipProposer(Proposer):
             count[:, y1:y2, x1:x2] += 1
         return preds / count
 
-    def _postprocess(self, logits: torch.Tensor, query_idx: list[int], prob_thd: float, bg: int):
+    def _postprocess(
+        self, logits: torch.Tensor, query_idx: list[int], prob_thd: float, bg: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``postprocess_result``: (K, H, W) renormalised probabilities, (H, W) int64 labels.
 
         Pixels whose best class probability is below ``prob_thd`` go to class ``bg`` (the
@@ -220,7 +228,7 @@ def _nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
 
 
-def _check_image(image: np.ndarray) -> None:
+def _check_image(image: NDArray[Any]) -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
     if min(image.shape[:2]) < 1:

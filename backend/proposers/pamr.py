@@ -83,9 +83,8 @@ def pamr_propagate(
     # working set (~8 MB) stays in cache across iterations, 3x faster than whole-tensor steps
     # at 480x640 with 47 queries (same numbers, bench/proposers.py).
     chunk = max(1, _CHUNK_FLOATS // (h * w))
-    return torch.cat(
-        [_propagate(affinity, part, dilations, num_iter) for part in logits.split(chunk)]
-    )
+    parts = torch.split(logits, chunk)
+    return torch.cat([_propagate(affinity, part, dilations, num_iter) for part in parts])
 
 
 def _propagate(

@@ -20,9 +20,11 @@ contested pixels, and what a lower one keeps must still pass ``min_area``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
 
@@ -38,11 +40,12 @@ class PostprocessConfig:
     split: str = "components"
 
 
-def assignment_of(proposal: Proposal, threshold: float) -> np.ndarray:
+def assignment_of(proposal: Proposal, threshold: float) -> NDArray[Any]:
     """(H, W) int16 class index per pixel, -1 for none (step 1)."""
     if proposal.assignment is not None:
-        return proposal.assignment
-    best = proposal.scores.argmax(axis=0).astype(np.int16)
+        given: NDArray[Any] = proposal.assignment
+        return given
+    best: NDArray[Any] = proposal.scores.argmax(axis=0).astype(np.int16)
     best[proposal.scores.max(axis=0) < threshold] = -1
     return best
 
@@ -70,7 +73,7 @@ def proposal_to_instances(proposal: Proposal, config: PostprocessConfig) -> list
     return sorted(found, key=lambda inst: -(inst.score or 0.0))
 
 
-def _parts(mask: np.ndarray, split: str) -> list[np.ndarray]:
+def _parts(mask: NDArray[Any], split: str) -> list[NDArray[Any]]:
     if split == "class":
         return [mask]
     count, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)

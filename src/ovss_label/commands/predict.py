@@ -113,7 +113,7 @@ def predict(
         proposer = create_proposer(
             method, tiny=tiny or None, checkpoint=checkpoint, device=device, background=background
         )
-    except (FileNotFoundError, ValueError) as exc:  # missing weight, unreadable checkpoint
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # weight, checkpoint, device
         raise click.ClickException(str(exc)) from exc
     writer = CocoWriter(vocab.names) if coco else None
     if overlays:
