@@ -151,7 +151,7 @@ def predict_files(
         try:
             image = load_rgb(path)
             instances = proposal_to_instances(propose(proposer, image, vocabulary, cache), post)
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (ValueError, RuntimeError, OSError, MemoryError) as exc:
             log.warning("skipped %s: %s", path, exc)
             report.failed.append((path, str(exc)))
         else:

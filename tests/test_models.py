@@ -89,6 +89,7 @@ def test_checkpoint_of_another_architecture_is_refused_with_keys(tiny_checkpoint
         build_clip("clip_vit_b16")  # a tiny archive under the ViT-B/16 file name
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_never_unpickled(tmp_path):
     evil = tmp_path / "evil.pt"
     with evil.open("wb") as f:

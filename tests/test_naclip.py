@@ -166,3 +166,16 @@ def test_auto_background_is_hidden_and_unlabels_pixels(tiny_clip):
 def test_bad_images_are_refused_with_the_reason(proposer):
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
         proposer.encode(np.zeros((10, 10), np.uint8))
+
+
+def test_too_elongated_images_fail_with_a_reason(proposer):
+    with pytest.raises(ValueError, match="too elongated"):
+        proposer.encode(np.zeros((2, 400, 3), np.uint8))
+
+
+def test_unwritable_text_cache_degrades_to_no_cache(tiny_clip, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    encoder = TextEncoder(tiny_clip, cache=blocker)
+    assert encoder.cache is None
+    assert encoder.prompt_embeddings(["a photo of a cat."]).shape == (1, 32)

@@ -157,3 +157,27 @@ def test_collect_images_folders_globs_and_errors(photos):
         local_files_url(photos / "a b.png", photos.parent)
         == f"/data/local-files/?d={photos.name}/a b.png"
     )
+
+
+@pytest.mark.parametrize(
+    ("mode", "value"),
+    [("L", 7), ("RGBA", (10, 20, 30, 0)), ("P", 3), ("I;16", 65535), ("CMYK", (0, 0, 0, 0))],
+)
+def test_load_rgb_converts_every_mode_to_rgb_uint8(tmp_path, mode, value):
+    from ovss_label.images import load_rgb
+
+    path = tmp_path / ("x.tif" if mode in ("I;16", "CMYK") else "x.png")
+    Image.new(mode, (5, 3), value).save(path)
+    rgb = load_rgb(path)
+    assert rgb.shape == (3, 5, 3) and rgb.dtype == np.uint8
+    if mode == "I;16":
+        assert rgb.max() == 255  # full-range 16-bit maps to full-range 8-bit
+
+
+def test_load_rgb_refuses_decompression_bombs(tmp_path, monkeypatch):
+    from ovss_label.images import load_rgb
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 2x this
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_rgb(tmp_path / "big.png")

@@ -14,6 +14,7 @@ machine; ``OVSS_CACHE_DIR`` (default ``~/.cache/ovss-label``) says where.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -31,6 +32,7 @@ from ovss_label.ontologies import Vocabulary
 from .clip import LoadedClip, clip_tokenizer
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -111,7 +113,10 @@ class TextEncoder:
         self.cache: PromptCache | None = None
         if cache is not False:
             root = cache_dir() if cache in (None, True) else Path(cache)  # type: ignore[arg-type]
-            self.cache = PromptCache(root / "text" / f"{clip.text_fingerprint}.sqlite")
+            try:
+                self.cache = PromptCache(root / "text" / f"{clip.text_fingerprint}.sqlite")
+            except (OSError, sqlite3.Error) as exc:  # e.g. a read-only home in a container
+                log.warning("text-embedding cache disabled (%s): set OVSS_CACHE_DIR", exc)
 
     def prompt_embeddings(
         self, prompts: Sequence[str], progress: Progress | None = None

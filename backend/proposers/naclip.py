@@ -104,6 +104,11 @@ class NaclipProposer(Proposer):
         c = self.config
         size = (int(image.shape[0]), int(image.shape[1]))
         frames = Frames.for_image(size, c.short_side, max_side=c.max_side)
+        if min(frames.network) < self.clip.patch_size:
+            raise ValueError(
+                f"image {size[1]}x{size[0]} is too elongated: resized to {frames.network[1]}x"
+                f"{frames.network[0]} it is narrower than one {self.clip.patch_size}-px patch"
+            )
         net = self._normalise(frames.to_network(image))
         boxes = sliding_windows(*frames.network, c.slide_crop, c.slide_stride)
         tensors = {f"feats_{i}": f for i, f in enumerate(self._window_features(net, boxes))}

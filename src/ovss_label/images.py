@@ -56,5 +56,5 @@ def load_rgb(path: Path) -> Any:
                 top = 65535.0 if wide.max() > 255 else 255.0
                 image = Image.fromarray((wide / top * 255).round().astype(np.uint8))
             return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image {path}: {exc}") from exc
