@@ -16,8 +16,10 @@ os.environ.pop("OVSS_TINY", None)
 
 @pytest.fixture(autouse=True)
 def _private_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Every test gets the session's cache dir and an empty weights dir."""
+    """Every test gets the session's cache dir, an empty weights dir and an empty home (so a
+    developer's ~/.cache/clip is never picked up)."""
     cache = tmp_path_factory.getbasetemp() / "ovss-cache"
+    monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
     monkeypatch.setenv("OVSS_CACHE_DIR", str(cache))
     monkeypatch.setenv("OVSS_WEIGHTS_DIR", str(tmp_path_factory.mktemp("weights")))
     monkeypatch.delenv("OVSS_TINY", raising=False)

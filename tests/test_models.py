@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from pathlib import Path
 
 import httpx
 import open_clip
@@ -58,6 +59,18 @@ def test_resolution_order_explicit_then_weights_dir(tmp_path, monkeypatch):
     assert resolve_weight(spec, explicit) == explicit
 
 
+def test_open_clip_download_cache_is_used_without_network(tmp_path, monkeypatch):
+    spec = get_spec("clip_vit_l14_336")
+    cached = Path.home() / ".cache" / "clip" / spec.file
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"x")
+    try:
+        assert resolve_weight(spec) == cached  # OVSS_OFFLINE=1 is set: found, not downloaded
+    finally:
+        cached.unlink()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_openai_archive_loads_like_open_clip_load_openai_model(tiny_model, tiny_checkpoints):
     archive = tiny_checkpoints["openai"]
     assert is_torchscript(archive)

@@ -179,3 +179,22 @@ def test_unwritable_text_cache_degrades_to_no_cache(tiny_clip, tmp_path):
     encoder = TextEncoder(tiny_clip, cache=blocker)
     assert encoder.cache is None
     assert encoder.prompt_embeddings(["a photo of a cat."]).shape == (1, 32)
+
+
+@pytest.mark.gpu
+def test_gpu_scores_match_cpu(tiny_checkpoints):
+    from ovss_label.backend.proposers import create_proposer
+
+    options = {
+        "checkpoint": tiny_checkpoints["openai"],
+        "background": "none",
+        "model": "clip_vit_b16",
+    }
+    cpu = create_proposer("naclip", tiny=True, device="cpu", **options)
+    gpu = create_proposer("naclip", tiny=True, device="cuda", **options)
+    image, vocab = _image(seed=6), Vocabulary.from_labels("a, b")
+    np.testing.assert_allclose(
+        gpu.score(gpu.encode(image), vocab).scores,
+        cpu.score(cpu.encode(image), vocab).scores,
+        atol=1e-4,
+    )

@@ -155,9 +155,17 @@ def resolve_weight(spec: WeightSpec, path: str | os.PathLike[str] | None = None)
     local = weights_dir() / spec.file
     if local.is_file():
         return local
+    cached = _library_cache() / spec.file
+    if cached.is_file():  # downloaded by open_clip (or OpenAI's clip) before: no network needed
+        return cached
     if offline():
         raise MissingWeightError(missing_message(spec) + " (downloads are off: OVSS_OFFLINE)")
     return _library_download(spec)
+
+
+def _library_cache() -> Path:
+    # open_clip's download_pretrained_from_url default, shared with OpenAI's clip package.
+    return Path("~/.cache/clip").expanduser()
 
 
 def _library_download(spec: WeightSpec) -> Path:

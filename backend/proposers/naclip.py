@@ -140,7 +140,7 @@ class NaclipProposer(Proposer):
                 tokens = naclip_tokens(self.clip.model.visual, batch, self.config.gaussian_std)
                 feats = F.normalize(tokens[:, 1:], dim=-1).reshape(len(chunk), gh, gw, -1)
                 for i, f in zip(chunk, feats, strict=True):
-                    out[i] = f.cpu()
+                    out[i] = f  # stays on the model's device: scoring runs there too
         return out
 
     # ---- score: words -----------------------------------------------------------------
@@ -149,6 +149,7 @@ class NaclipProposer(Proposer):
         """Class probabilities (K, H, W) and the reference's per-pixel decision."""
         vocab, hidden_bg = self._with_background(vocabulary)
         text, query_idx = self._query_features(vocab)
+        text = text.to(features.tensors["feats_0"].device)
         frames: Frames = features.meta["frames"]
         logits = frames.to_work(self._slide_logits(features, text, frames.network))
         if "affinity" in features.tensors:
@@ -158,6 +159,7 @@ class NaclipProposer(Proposer):
             )
         bg = _background_index(vocab)
         probs, pred = self._postprocess(logits, query_idx, self._threshold(bg), bg)
+        probs, pred = probs.cpu(), pred.cpu()
         if hidden_bg:
             probs, pred = probs[1:], pred - 1  # hidden background -> index -1 (no label)
         scores = frames.to_original(probs).clamp_(0, 1).cpu().numpy()
@@ -168,8 +170,8 @@ class NaclipProposer(Proposer):
         self, features: Features, text: torch.Tensor, size: tuple[int, int]
     ) -> torch.Tensor:
         """``forward_slide``: (Q, h, w) window-averaged cosine logits in the network frame."""
-        preds = torch.zeros(text.shape[0], *size)
-        count = torch.zeros(1, *size)
+        preds = text.new_zeros(text.shape[0], *size)
+        count = text.new_zeros(1, *size)
         for i, (y1, y2, x1, x2) in enumerate(features.meta["boxes"]):
             feats = features.tensors[f"feats_{i}"]
             window = (feats @ text.T).permute(2, 0, 1)
@@ -187,13 +189,16 @@ class NaclipProposer(Proposer):
         reference's class 0, which is its background line); -1 when there is none.
         """
         probs = torch.softmax(logits * self.config.logit_scale, dim=0)
-        idx = torch.tensor(query_idx)
+        idx = torch.tensor(query_idx, device=probs.device)
         num_classes = int(idx.max()) + 1
-        if num_classes != len(query_idx):
+        synonyms = num_classes != len(query_idx)
+        if synonyms:
             probs = torch.stack([probs[idx == k].amax(dim=0) for k in range(num_classes)])
-        pred = probs.argmax(dim=0)
-        pred[probs.max(dim=0).values < prob_thd] = bg
-        return probs / probs.sum(dim=0, keepdim=True), pred
+        best, pred = probs.max(dim=0)  # one pass for the value and the (first) argmax
+        pred[best < prob_thd] = bg
+        if synonyms:  # without synonyms the softmax already sums to 1
+            probs /= probs.sum(dim=0, keepdim=True)
+        return probs, pred
 
     def _threshold(self, bg: int) -> float:
         if self.config.prob_thd is not None:
