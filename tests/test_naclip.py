@@ -198,3 +198,28 @@ def test_gpu_scores_match_cpu(tiny_checkpoints):
         cpu.score(cpu.encode(image), vocab).scores,
         atol=1e-4,
     )
+
+
+def test_refined_query_maps_are_reused_across_vocabularies(tiny_clip, proposer, monkeypatch):
+    from ovss_label.backend.proposers import FeatureCache
+    from ovss_label.backend.proposers import naclip as naclip_module
+
+    cached = NaclipProposer(tiny_clip, proposer.config, proposer.text, FeatureCache(1 << 30))
+    refined: list[int] = []
+    real = naclip_module.pamr_propagate
+
+    def counting(affinity, logits, *args):
+        refined.append(logits.shape[0])
+        return real(affinity, logits, *args)
+
+    monkeypatch.setattr(naclip_module, "pamr_propagate", counting)
+    image = _image(seed=7)
+    features = cached.encode(image)
+    first = Vocabulary(("cat", "person"), (("cat",), ("person", "person in shirt")))
+    cached.score(features, first)
+    second = Vocabulary(("person", "dog"), (("person", "person in shirt"), ("dog",)))
+    result = cached.score(features, second)
+    assert refined == [3, 1]  # the second vocabulary refines only "dog"
+    fresh = proposer.score(proposer.encode(image), second)  # no map cache
+    np.testing.assert_allclose(result.scores, fresh.scores, atol=1e-6)
+    np.testing.assert_array_equal(result.assignment, fresh.assignment)

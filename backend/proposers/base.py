@@ -36,11 +36,14 @@ class Features:
         image_hw: (H, W) of the original image.
         tensors: Named CPU/GPU tensors (method-specific, documented by each proposer).
         meta: Small plain values (window boxes, frame sizes).
+        key: Content hash of the image (``cache.image_key``), or "" when unknown; keys caches
+            of results derived from these features.
     """
 
     image_hw: tuple[int, int]
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
 
     @property
     def nbytes(self) -> int:

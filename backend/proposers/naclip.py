@@ -15,6 +15,11 @@ score (words):
   -> ``softmax(40·logits)`` over all queries -> class = max over its synonyms -> argmax with
   ``prob_thd`` (below it: background) -> probabilities renormalised over classes.
 
+Refined query maps are cached: each query's map after PAMR depends only on the image and that
+query (every step is per query), so with a ``map_cache`` a vocabulary that shares queries with
+an earlier one on the same image (an added label; the hidden background's 26 queries, shared
+by every vocabulary) refines only its new queries, with the same numbers.
+
 Deviations, each an option:
   ``background="auto"``: a project's labels rarely include a background class, and softmax over
   only "cat, dog" would paint every pixel cat or dog. Then the reference's own background line
@@ -27,6 +32,7 @@ Deviations, each an option:
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +49,7 @@ from ..models.clip import LoadedClip, build_clip
 from ..models.clip_text import TextEncoder
 from ..models.naclip_vit import naclip_tokens
 from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+from .cache import FeatureCache, image_key
 from .frames import Frames, sliding_windows
 from .pamr import pamr_affinity, pamr_propagate
 
@@ -75,10 +82,16 @@ class NaclipProposer(Proposer):
 
     name = "naclip"
 
-    def __init__(self, clip: LoadedClip, config: NaclipConfig, text: TextEncoder) -> None:
+    def __init__(
+        self,
+        clip: LoadedClip,
+        config: NaclipConfig,
+        text: TextEncoder,
+        map_cache: FeatureCache | None = None,
+    ) -> None:
         if config.background not in ("auto", "none"):
             raise ValueError(f"background must be 'auto' or 'none', got {config.background!r}")
-        self.clip, self.config, self.text = clip, config, text
+        self.clip, self.config, self.text, self.map_cache = clip, config, text, map_cache
         self._queries: dict[Vocabulary, tuple[torch.Tensor, list[int]]] = {}
         self._lock = threading.Lock()
 
@@ -114,7 +127,7 @@ class NaclipProposer(Proposer):
         tensors = {f"feats_{i}": f for i, f in enumerate(self._window_features(net, boxes))}
         if c.pamr_steps > 0:
             tensors["affinity"] = pamr_affinity(frames.to_work(net), c.pamr_dilations)
-        return Features(size, tensors, {"frames": frames, "boxes": boxes})
+        return Features(size, tensors, {"frames": frames, "boxes": boxes}, image_key(image))
 
     def _normalise(self, rgb: NDArray[Any]) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
@@ -151,12 +164,7 @@ class NaclipProposer(Proposer):
         text, query_idx = self._query_features(vocab)
         text = text.to(features.tensors["feats_0"].device)
         frames: Frames = features.meta["frames"]
-        logits = frames.to_work(self._slide_logits(features, text, frames.network))
-        if "affinity" in features.tensors:
-            affinity = features.tensors["affinity"].to(logits.device)
-            logits = pamr_propagate(
-                affinity, logits, self.config.pamr_dilations, self.config.pamr_steps
-            )
+        logits = self._refined_logits(features, text, vocab)
         bg = _background_index(vocab)
         probs, pred = self._postprocess(logits, query_idx, self._threshold(bg), bg)
         probs, pred = probs.cpu(), pred.cpu()
@@ -165,6 +173,44 @@ class NaclipProposer(Proposer):
         scores = frames.to_original(probs).clamp_(0, 1).cpu().numpy()
         assignment = _nearest(pred, frames.original).numpy().astype(np.int16)
         return Proposal(vocabulary.names, scores.astype(np.float32, copy=False), assignment)
+
+    def _refined_logits(
+        self, features: Features, text: torch.Tensor, vocab: Vocabulary
+    ) -> torch.Tensor:
+        """(Q, *work) query logits after PAMR, from ``map_cache`` where possible."""
+        queries = vocab.queries()[0]
+        keys = [self._map_key(features, q, vocab.templates) for q in queries]
+        maps: list[torch.Tensor | None] = [None] * len(queries)
+        if self.map_cache is not None:
+            for i, key in enumerate(keys):
+                hit = self.map_cache.get(key) if key[0] else None
+                maps[i] = hit.tensors["map"] if hit is not None else None
+        missing = [i for i, m in enumerate(maps) if m is None]
+        if missing:
+            fresh = self._refine(features, text[missing])
+            for row, i in enumerate(missing):
+                maps[i] = fresh[row]
+                if self.map_cache is not None and keys[i][0]:
+                    stored = {"map": fresh[row].clone()}
+                    self.map_cache.put(keys[i], Features(features.image_hw, stored))
+        return torch.stack([m for m in maps if m is not None])
+
+    def _refine(self, features: Features, text: torch.Tensor) -> torch.Tensor:
+        """(Q, *work): sliding-window logits, bilinear to the work frame, PAMR."""
+        frames: Frames = features.meta["frames"]
+        logits = frames.to_work(self._slide_logits(features, text, frames.network))
+        if "affinity" not in features.tensors:
+            return logits
+        affinity = features.tensors["affinity"].to(logits.device)
+        return pamr_propagate(affinity, logits, self.config.pamr_dilations, self.config.pamr_steps)
+
+    def _map_key(
+        self, features: Features, query: str, templates: tuple[str, ...]
+    ) -> tuple[str, str]:
+        if not features.key:
+            return ("", "")
+        digest = hashlib.sha1("\n".join((query, *templates)).encode()).hexdigest()
+        return (features.key, f"{self.cache_key}|query:{digest}")
 
     def _slide_logits(
         self, features: Features, text: torch.Tensor, size: tuple[int, int]
@@ -188,12 +234,14 @@ class NaclipProposer(Proposer):
         Pixels whose best class probability is below ``prob_thd`` go to class ``bg`` (the
         reference's class 0, which is its background line); -1 when there is none.
         """
+        assert query_idx == sorted(query_idx), "queries must be grouped by class"
         probs = torch.softmax(logits * self.config.logit_scale, dim=0)
-        idx = torch.tensor(query_idx, device=probs.device)
-        num_classes = int(idx.max()) + 1
-        synonyms = num_classes != len(query_idx)
+        sizes = torch.unique_consecutive(torch.tensor(query_idx), return_counts=True)[1]
+        synonyms = len(sizes) != len(query_idx)
         if synonyms:
-            probs = torch.stack([probs[idx == k].amax(dim=0) for k in range(num_classes)])
+            # A class's queries are consecutive (Vocabulary.queries): max over views, no gathers.
+            groups = torch.split(probs, sizes.tolist())
+            probs = torch.stack([g[0] if len(g) == 1 else g.amax(dim=0) for g in groups])
         best, pred = probs.max(dim=0)  # one pass for the value and the (first) argmax
         pred[best < prob_thd] = bg
         if synonyms:  # without synonyms the softmax already sums to 1
@@ -252,9 +300,14 @@ def create_naclip(
     checkpoint: str | None = None,
     device: str = "cpu",
     text_cache: Any = None,
+    map_cache_mb: int = 512,
     **options: Any,
 ) -> NaclipProposer:
-    """Builds NACLIP; ``options`` are :class:`NaclipConfig` fields."""
+    """Builds NACLIP; ``options`` are :class:`NaclipConfig` fields.
+
+    ``map_cache_mb`` bounds the refined-query-map cache (module docstring); 0 turns it off.
+    """
     config = NaclipConfig(**options)
     clip = build_clip(config.model, checkpoint=checkpoint, tiny=tiny, device=device)
-    return NaclipProposer(clip, config, TextEncoder(clip, cache=text_cache))
+    maps = FeatureCache(max_bytes=map_cache_mb << 20) if map_cache_mb > 0 else None
+    return NaclipProposer(clip, config, TextEncoder(clip, cache=text_cache), maps)
