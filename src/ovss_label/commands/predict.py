@@ -98,7 +98,7 @@ def predict(
     --document-root.
     """
     from ovss_label.backend.predict import Output, collect_images, local_files_url, predict_files
-    from ovss_label.backend.proposers import FeatureCache, PostprocessConfig, create_proposer
+    from ovss_label.backend.proposers import PostprocessConfig, create_proposer
 
     config_xml = config_path.read_text(encoding="utf-8") if config_path else None
     vocab = _vocabulary(labels, ontology, config_xml)
@@ -110,8 +110,14 @@ def predict(
     if tiny:
         os.environ["OVSS_TINY"] = "1"
     try:
+        # Each file is scored once: no feature or refined-map caches to fill memory with.
         proposer = create_proposer(
-            method, tiny=tiny or None, checkpoint=checkpoint, device=device, background=background
+            method,
+            tiny=tiny or None,
+            checkpoint=checkpoint,
+            device=device,
+            background=background,
+            map_cache_mb=0,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # weight, checkpoint, device
         raise click.ClickException(str(exc)) from exc
@@ -127,7 +133,7 @@ def predict(
             output=target,
             url_for=lambda p: local_files_url(p, document_root, url_prefix),
             postprocess=PostprocessConfig(min_area=min_area, split=split),
-            cache=FeatureCache(),
+            cache=None,
             coco=writer,
             overlay_dir=overlays,
             advance=lambda p: bar.update(job, advance=1, description=p.name),
