@@ -181,3 +181,21 @@ def test_load_rgb_refuses_decompression_bombs(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses > 2x this
     with pytest.raises(ValueError, match="cannot read image"):
         load_rgb(tmp_path / "big.png")
+
+
+def test_no_pamr_option_reaches_the_proposer(photos, tmp_path, monkeypatch):
+    from ovss_label.backend import proposers
+
+    seen = {}
+    real = proposers.create_proposer
+
+    def spy(name, **options):
+        seen.update(options)
+        return real(name, **options)
+
+    monkeypatch.setattr(proposers, "create_proposer", spy)
+    out = tmp_path / "t.json"
+    result = _predict([str(photos / "coffee.png"), "--labels", "cup", "-o", str(out), "--no-pamr"])
+    assert result.exit_code == 0, result.output
+    assert seen["pamr_steps"] == 0 and seen["map_cache_mb"] == 0
+    assert "pamr0" in json.loads(out.read_text())[0]["predictions"][0]["model_version"]

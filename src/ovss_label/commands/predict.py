@@ -64,6 +64,12 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
     show_default=True,
     help="auto: add NACLIP's stuff queries as a hidden background.",
 )
+@click.option(
+    "--pamr/--no-pamr",
+    default=True,
+    show_default=True,
+    help="NACLIP's PAMR refinement (off: faster, coarser).",
+)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Explicit weight file.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option(
@@ -85,6 +91,7 @@ def predict(
     document_root,
     url_prefix,
     background,
+    pamr,
     checkpoint,
     device,
     tiny,
@@ -117,6 +124,7 @@ def predict(
             checkpoint=checkpoint,
             device=device,
             background=background,
+            pamr_steps=10 if pamr else 0,
             map_cache_mb=0,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # weight, checkpoint, device
