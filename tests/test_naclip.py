@@ -223,3 +223,17 @@ def test_refined_query_maps_are_reused_across_vocabularies(tiny_clip, proposer, 
     fresh = proposer.score(proposer.encode(image), second)  # no map cache
     np.testing.assert_allclose(result.scores, fresh.scores, atol=1e-6)
     np.testing.assert_array_equal(result.assignment, fresh.assignment)
+
+
+def test_one_proposer_serves_threads(proposer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [_image(seed=s) for s in range(4)]
+    vocab = Vocabulary.from_labels("a, b, c")
+    serial = [proposer.score(proposer.encode(img), vocab).scores for img in images]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(
+            pool.map(lambda img: proposer.score(proposer.encode(img), vocab).scores, images * 2)
+        )
+    for i, scores in enumerate(parallel):
+        np.testing.assert_array_equal(scores, serial[i % 4])
