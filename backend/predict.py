@@ -120,13 +120,17 @@ class PredictReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
+def relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` in POSIX form; absolute when it is outside ``root``."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
 def local_files_url(path: Path, root: Path, prefix: str = "/data/local-files/?d=") -> str:
     """Label Studio local-storage URL of ``path`` relative to its document ``root``."""
-    try:
-        relative = path.resolve().relative_to(root.resolve())
-    except ValueError:
-        relative = path.resolve()
-    return prefix + relative.as_posix()
+    return prefix + relative_name(path, root)
 
 
 def predict_files(
@@ -136,6 +140,7 @@ def predict_files(
     *,
     output: Output,
     url_for: Callable[[Path], str],
+    name_for: Callable[[Path], str] = lambda path: path.name,
     postprocess: PostprocessConfig | None = None,
     cache: FeatureCache | None = None,
     coco: CocoWriter | None = None,
@@ -160,7 +165,7 @@ def predict_files(
             report.predicted += 1
             report.instances += len(instances)
             if coco is not None:
-                image_id = coco.add_image(url, image.shape[1], image.shape[0])
+                image_id = coco.add_image(name_for(path), image.shape[1], image.shape[0])
                 for inst in instances:
                     coco.add_instance(image_id, inst)
             if overlay_dir is not None:
@@ -199,4 +204,5 @@ __all__ = [
     "local_files_url",
     "overlay_names",
     "predict_files",
+    "relative_name",
 ]

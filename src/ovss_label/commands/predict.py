@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -104,8 +105,14 @@ def predict(
     project that accepts the predictions. Images are referenced by local-files URLs relative to
     --document-root.
     """
-    from ovss_label.backend.predict import Output, collect_images, local_files_url, predict_files
-    from ovss_label.backend.proposers import PostprocessConfig, create_proposer
+    from ovss_label.backend.predict import (
+        Output,
+        collect_images,
+        local_files_url,
+        predict_files,
+        relative_name,
+    )
+    from ovss_label.backend.proposers import PostprocessConfig
 
     config_xml = config_path.read_text(encoding="utf-8") if config_path else None
     vocab = _vocabulary(labels, ontology, config_xml)
@@ -116,19 +123,9 @@ def predict(
         raise click.UsageError(str(exc)) from exc
     if tiny:
         os.environ["OVSS_TINY"] = "1"
-    try:
-        # Each file is scored once: no feature or refined-map caches to fill memory with.
-        proposer = create_proposer(
-            method,
-            tiny=tiny or None,
-            checkpoint=checkpoint,
-            device=device,
-            background=background,
-            pamr_steps=10 if pamr else 0,
-            map_cache_mb=0,
-        )
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # weight, checkpoint, device
-        raise click.ClickException(str(exc)) from exc
+    # Each file is scored once: no feature or refined-map caches to fill memory with.
+    options = {"background": background, "pamr_steps": 10 if pamr else 0, "map_cache_mb": 0}
+    proposer = _proposer(method, tiny, checkpoint, device, options)
     writer = CocoWriter(vocab.names) if coco else None
     if overlays:
         overlays.mkdir(parents=True, exist_ok=True)
@@ -140,6 +137,7 @@ def predict(
             images,
             output=target,
             url_for=lambda p: local_files_url(p, document_root, url_prefix),
+            name_for=lambda p: relative_name(p, document_root),
             postprocess=PostprocessConfig(min_area=min_area, split=split),
             cache=None,
             coco=writer,
@@ -157,6 +155,20 @@ def predict(
         raise SystemExit(1)
 
 
+def _proposer(
+    method: str, tiny: bool, checkpoint: str | None, device: str, options: dict[str, Any]
+) -> Any:
+    """The method's proposer; a missing weight or an unusable device is one error line."""
+    from ovss_label.backend.proposers import create_proposer
+
+    try:
+        return create_proposer(
+            method, tiny=tiny or None, checkpoint=checkpoint, device=device, **options
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # weight, checkpoint, device
+        raise click.ClickException(str(exc)) from exc
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -167,7 +179,7 @@ def _progress() -> Progress:
     )
 
 
-def _summary(report, output: Path, version: str) -> None:
+def _summary(report: Any, output: Path, version: str) -> None:
     console = Console(stderr=True)
     table = Table(title=f"predict -> {output} ({version})")
     table.add_column("images predicted", justify="right")
