@@ -71,15 +71,17 @@ def _with_legend(
     rows: dict[str, list[float]] = {}
     for inst in instances:
         rows.setdefault(inst.label, []).append(inst.score if inst.score is not None else 1.0)
-    lines = 2 + max(len(rows), 1)
+    title_lines = [title[i : i + 34] for i in range(0, len(title), 34)][:2] or ["proposals"]
+    lines = len(title_lines) + 1 + max(len(rows), 1)
     height = max(picture.height, lines * _ROW + 8)
     sheet = Image.new("RGB", (picture.width + _LEGEND_WIDTH, height), (24, 24, 24))
     sheet.paste(picture, (0, 0))
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     x, y = picture.width + 8, 6
-    draw.text((x, y), title[:34] or "proposals", fill=(230, 230, 230), font=font)
-    y += _ROW
+    for line in title_lines:
+        draw.text((x, y), line, fill=(230, 230, 230), font=font)
+        y += _ROW
     draw.text((x, y), f"{len(instances)} instances", fill=(180, 180, 180), font=font)
     for label, scores in rows.items():
         y += _ROW

@@ -17,6 +17,7 @@ from ovss_label.backend.models import WEIGHTS, MissingWeightError, get_spec, res
 from ovss_label.backend.models.checkpoints import CheckpointError, is_torchscript
 from ovss_label.backend.models.clip import CLIP_ARCHS, build_clip
 from ovss_label.backend.models.download import DownloadError, pull, verify
+from ovss_label.backend.models.sam import SAM_ARCHS
 from ovss_label.backend.models.weights import WeightSpec
 from ovss_label.cli import cli
 
@@ -31,10 +32,15 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 def test_weight_table_rows_are_complete():
     assert {"clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"} <= set(WEIGHTS)
+    assert {"sam_vit_b", "sam_vit_l", "sam_vit_h"} <= set(WEIGHTS)
     for spec in WEIGHTS.values():
         assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
-        assert spec.sha256 in spec.url and spec.url.endswith(spec.file)  # OpenAI URL scheme
-        assert spec.arch == CLIP_ARCHS[spec.name] and spec.licence and spec.format
+        assert spec.url.endswith("/" + spec.file) and spec.licence and spec.size_mb > 0
+        if spec.name.startswith("clip_"):
+            assert spec.sha256 in spec.url  # OpenAI URL scheme: the sha256 is the directory
+            assert spec.arch == CLIP_ARCHS[spec.name] and spec.format == "torchscript"
+        else:
+            assert spec.arch == SAM_ARCHS[spec.name]["arch"] and spec.format == "state_dict"
 
 
 def test_missing_weight_is_one_line_that_says_how_to_get_it():

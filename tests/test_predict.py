@@ -41,11 +41,12 @@ def _predict(args):
     return CliRunner().invoke(cli, ["--tiny", "predict", *args], catch_exceptions=False)
 
 
-def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path):
+@pytest.mark.parametrize("method", ["naclip", "naclip+sam"])
+def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path, method):
     out = tmp_path / "tasks.json"
     args = [str(photos), "--labels", "cat, person, cup", "-o", str(out), "--format", "both",
             "--coco", str(tmp_path / "coco.json"), "--overlays", str(tmp_path / "png"),
-            "--background", "none", "--document-root", str(photos)]  # fmt: skip
+            "--background", "none", "--document-root", str(photos), "--method", method]  # fmt: skip
     result = _predict(args)
     assert result.exit_code == 0, result.output
     assert "MEANINGLESS" in result.output and "broken.jpg" in result.output
@@ -58,6 +59,7 @@ def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path):
         assert task["data"]["image"].startswith("/data/local-files/?d=")
         prediction = task["predictions"][0]
         assert prediction["model_version"].startswith("naclip-clip_tiny")
+        assert prediction["model_version"].endswith("+sam_tiny") == (method == "naclip+sam")
         assert interface.validate_prediction(prediction)
         assert prediction["result"], task["data"]["image"]
         assert {r["type"] for r in prediction["result"]} == {"brushlabels", "polygonlabels"}

@@ -67,6 +67,29 @@ def _openai(name: str, arch: str, file: str, sha: str, hub: str, size_mb: int) -
     return WeightSpec(name, arch, file, url, sha, _MIT, "torchscript", hub_id=hub, size_mb=size_mb)
 
 
+def _sam(name: str, arch: str, file: str, sha: str, size_mb: int) -> WeightSpec:
+    # Plain state dicts (torch.save); SAM normalises with ImageNet mean/std on 0-255 pixels.
+    url = f"https://dl.fbaipublicfiles.com/segment_anything/{file}"
+    imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return WeightSpec(
+        name,
+        arch,
+        file,
+        url,
+        sha,
+        "Apache-2.0 (SAM)",
+        "state_dict",
+        imagenet_mean,
+        imagenet_std,
+        size_mb=size_mb,
+    )
+
+
+# sha256 of the SAM checkpoints as published with them (segment-anything README downloads).
+_SAM_B = "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
+_SAM_L = "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"
+_SAM_H = "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"
+
 # The OpenAI archive's sha256 is the directory of its URL (open_clip pretrained.py checks it).
 WEIGHTS: dict[str, WeightSpec] = {
     spec.name: spec
@@ -95,6 +118,9 @@ WEIGHTS: dict[str, WeightSpec] = {
             "timm/vit_large_patch14_clip_336.openai",
             891,
         ),
+        _sam("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", _SAM_B, 358),
+        _sam("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", _SAM_L, 1192),
+        _sam("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", _SAM_H, 2446),
     )
 }
 
@@ -155,25 +181,30 @@ def resolve_weight(spec: WeightSpec, path: str | os.PathLike[str] | None = None)
     local = weights_dir() / spec.file
     if local.is_file():
         return local
-    cached = _library_cache() / spec.file
-    if cached.is_file():  # downloaded by open_clip (or OpenAI's clip) before: no network needed
+    cached = _library_cache(spec)
+    if cached is not None and cached.is_file():  # downloaded by open_clip before: no network
         return cached
     if offline():
         raise MissingWeightError(missing_message(spec) + " (downloads are off: OVSS_OFFLINE)")
     return _library_download(spec)
 
 
-def _library_cache() -> Path:
+def _library_cache(spec: WeightSpec) -> Path | None:
     # open_clip's download_pretrained_from_url default, shared with OpenAI's clip package.
-    return Path("~/.cache/clip").expanduser()
+    return Path("~/.cache/clip").expanduser() / spec.file if spec.format == "torchscript" else None
 
 
 def _library_download(spec: WeightSpec) -> Path:
-    # The OpenAI archives are downloaded by open_clip into its own cache (sha256-checked).
-    from open_clip.pretrained import download_pretrained_from_url
-
+    """OpenAI archives through open_clip (its cache, sha256-checked); others (SAM has no
+    download code of its own) through ``models pull`` into the weights directory."""
     try:
-        return Path(download_pretrained_from_url(spec.url))
+        if spec.format == "torchscript":
+            from open_clip.pretrained import download_pretrained_from_url
+
+            return Path(download_pretrained_from_url(spec.url))
+        from .download import pull
+
+        return pull(spec)
     except Exception as exc:  # network errors come in many types; the user needs one line
         raise MissingWeightError(f"{missing_message(spec)} (download failed: {exc})") from exc
 

@@ -14,7 +14,8 @@ from rich.table import Table
 from ovss_label.converters import CocoWriter, write_json_atomic
 from ovss_label.ontologies import Vocabulary, label_config, load
 
-METHODS = ("naclip",)
+METHODS = ("naclip", "naclip+sam")
+SAM_MODELS = ("sam_vit_b", "sam_vit_l", "sam_vit_h")
 FORMATS = ("brush", "polygon", "both")
 
 
@@ -71,6 +72,14 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
     show_default=True,
     help="NACLIP's PAMR refinement (off: faster, coarser).",
 )
+@click.option(
+    "--sam-model",
+    type=click.Choice(SAM_MODELS),
+    default="sam_vit_b",
+    show_default=True,
+    help="SAM for the +sam methods.",
+)
+@click.option("--sam-checkpoint", type=click.Path(dir_okay=False), help="Explicit SAM weight file.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Explicit weight file.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option(
@@ -93,6 +102,8 @@ def predict(
     url_prefix,
     background,
     pamr,
+    sam_model,
+    sam_checkpoint,
     checkpoint,
     device,
     tiny,
@@ -125,6 +136,8 @@ def predict(
         os.environ["OVSS_TINY"] = "1"
     # Each file is scored once: no feature or refined-map caches to fill memory with.
     options = {"background": background, "pamr_steps": 10 if pamr else 0, "map_cache_mb": 0}
+    if method.endswith("+sam"):
+        options.update(sam_model=sam_model, sam_checkpoint=sam_checkpoint)
     proposer = _proposer(method, tiny, checkpoint, device, options)
     writer = CocoWriter(vocab.names) if coco else None
     if overlays:

@@ -1,0 +1,188 @@
+"""``<dense>+sam``: crisp SAM masks from the score maps of any dense proposer.
+
+The dense method decides which class is where; SAM draws the outline:
+
+1. **Prompts from score maps**: the dense per-pixel decision (``postprocess.assignment_of``) is
+   split into 8-connected parts per class (background classes and parts below ``min_area``
+   skipped). Each part gives one prompt: its bounding box (pixel-edge frame, xyxy) and/or one
+   positive point at its most interior pixel (the maximum of the distance transform, so the
+   point lies inside even for C-shaped parts). At most ``max_prompts`` parts, best mean score
+   first.
+2. **One decoder pass** for all prompts of all classes on the image's one SAM embedding
+   (``sam_prompts.decode``); with ``multimask`` the best of SAM's 3 candidates by predicted IoU.
+3. **Score** of an instance: the mean dense score of its class over the SAM mask, times SAM's
+   predicted IoU. Overlaps are resolved by score in post-processing (higher keeps the pixel).
+
+Sub-features (the dense method's and SAM's) are cached separately when a ``FeatureCache`` is
+given, under their own keys, so every SAM use on an image shares one encoder pass. The
+composite's own ``Features`` holds the same tensors, so a cache counts them twice: the budget
+errs on the safe side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from ovss_label.converters import Instance
+from ovss_label.ontologies import Vocabulary
+
+from ..models.sam import LoadedSam, build_sam
+from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+from .cache import FeatureCache, image_key
+from .postprocess import assignment_of
+from .sam_prompts import SamEncoder, decode
+
+PROMPT_MODES = ("box+point", "box", "point")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """See the module docstring."""
+
+    prompt: str = "box+point"
+    multimask: bool = True
+    max_prompts: int = 64
+    min_area: float = 0.001
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """B prompts, one per connected part of a class, original pixels.
+
+    Attributes:
+        classes: (B,) int class index into the vocabulary.
+        boxes: (B, 4) float xyxy (pixel-edge frame).
+        points: (B, 1, 2) float (x, y) at pixel centres.
+        scores: (B,) float mean class score over the part.
+    """
+
+    classes: NDArray[Any]
+    boxes: NDArray[Any]
+    points: NDArray[Any]
+    scores: NDArray[Any]
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def prompts_from_proposal(proposal: Proposal, config: RefineConfig) -> Prompts:
+    """Step 1 of the module docstring."""
+    labels = assignment_of(proposal, config.threshold)
+    h, w = labels.shape
+    min_pixels = max(1, int(np.ceil(config.min_area * h * w)))
+    found: list[tuple[float, int, list[float], list[float]]] = []
+    for k, name in enumerate(proposal.labels):
+        if name.lower() == BACKGROUND or not (labels == k).any():
+            continue
+        count, parts = cv2.connectedComponents((labels == k).astype(np.uint8), connectivity=8)
+        for i in range(1, count):
+            part = parts == i
+            if np.count_nonzero(part) < min_pixels:
+                continue
+            ys, xs = np.nonzero(part)
+            box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+            inside = cv2.distanceTransform(np.pad(part, 1).astype(np.uint8), cv2.DIST_L2, 5)
+            r, c = np.unravel_index(int(inside.argmax()), inside.shape)
+            score = float(proposal.scores[k][part].mean())
+            found.append((score, k, box, [c - 1 + 0.5, r - 1 + 0.5]))
+    found.sort(key=lambda item: -item[0])
+    found = found[: config.max_prompts]
+    return Prompts(
+        np.array([f[1] for f in found], np.int64),
+        np.array([f[2] for f in found], np.float64).reshape(-1, 4),
+        np.array([f[3] for f in found], np.float64).reshape(-1, 1, 2),
+        np.array([f[0] for f in found], np.float64),
+    )
+
+
+class SamRefined(Proposer):
+    """A dense proposer followed by SAM (module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        dense: Proposer,
+        sam: LoadedSam,
+        config: RefineConfig | None = None,
+        cache: FeatureCache | None = None,
+    ) -> None:
+        self.dense, self.sam, self.cache = dense, sam, cache
+        self.config = config or RefineConfig()
+        if self.config.prompt not in PROMPT_MODES:
+            raise ValueError(f"prompt must be one of {PROMPT_MODES}, got {self.config.prompt!r}")
+        self.sam_encoder = SamEncoder(sam)
+        self.name = f"{dense.name}+sam"
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.dense.model_version}+{self.sam.name}"
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.dense.cache_key}+{self.sam_encoder.cache_key}"
+
+    def encode(self, image: NDArray[Any]) -> Features:
+        """The dense method's features and SAM's embedding (from ``cache`` when given)."""
+        parts = {"dense": self._features(self.dense, image), "sam": self._features(None, image)}
+        tensors = {f"{p}.{k}": v for p, f in parts.items() for k, v in f.tensors.items()}
+        meta = {"parts": parts}
+        return Features(parts["sam"].image_hw, tensors, meta, image_key(image))
+
+    def _features(self, proposer: Proposer | None, image: NDArray[Any]) -> Features:
+        encoder: Any = proposer if proposer is not None else self.sam_encoder
+        if self.cache is not None:
+            return self.cache.features(encoder, image)
+        features: Features = encoder.encode(image)
+        return features
+
+    def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
+        """The dense proposal with ``instances`` drawn by SAM."""
+        parts = features.meta["parts"]
+        dense = self.dense.score(parts["dense"], vocabulary)
+        prompts = prompts_from_proposal(dense, self.config)
+        dense.instances = self._instances(parts["sam"], dense, prompts) if len(prompts) else []
+        return dense
+
+    def _instances(
+        self, sam_features: Features, dense: Proposal, prompts: Prompts
+    ) -> list[Instance]:
+        use_box, use_point = "box" in self.config.prompt, "point" in self.config.prompt
+        masks, iou = decode(
+            self.sam,
+            sam_features,
+            points=prompts.points if use_point else None,
+            labels=np.ones(prompts.points.shape[:2], np.int64) if use_point else None,
+            boxes=prompts.boxes if use_box else None,
+            multimask=self.config.multimask,
+        )
+        found = []
+        for mask, quality, k in zip(masks, iou, prompts.classes, strict=True):
+            if mask.any():
+                semantic = float(dense.scores[k][mask].mean())
+                score = float(np.clip(semantic * quality, 0.0, 1.0))
+                found.append(Instance(mask, dense.labels[k], score))
+        return found
+
+
+@register_proposer("naclip+sam")
+def create_naclip_sam(
+    *,
+    tiny: bool | None = None,
+    device: str = "cpu",
+    sam_model: str = "sam_vit_b",
+    sam_checkpoint: str | None = None,
+    feature_cache: FeatureCache | None = None,
+    refine: RefineConfig | None = None,
+    **naclip_options: Any,
+) -> SamRefined:
+    """NACLIP followed by SAM; ``naclip_options`` go to ``create_naclip``."""
+    from .naclip import create_naclip
+
+    dense = create_naclip(tiny=tiny, device=device, **naclip_options)
+    sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
+    return SamRefined(dense, sam, refine, feature_cache)

@@ -1,0 +1,101 @@
+"""SAM without hidden state: one cached image embedding, batched prompts, the best mask each.
+
+``SamPredictor`` keeps the embedding of the last ``set_image`` in the predictor, so one predictor
+cannot serve two threads. Here the embedding is a :class:`Features` (cached like any image
+features, so refinement, CLIP+SAM and interactive prompts on one image share one encoder pass)
+and decoding is a function of (model, features, prompts). The numbers are
+segment_anything ``predictor.py``'s (``set_torch_image``, ``predict``, ``predict_torch``),
+with one change of order: with ``multimask`` the best of the 3 candidates (highest predicted
+IoU) is chosen on the 256x256 low-resolution logits and only that one is upsampled to the
+original size. Upsampling every candidate dominates the decoder's cost; the chosen mask is
+identical.
+
+Frames: prompts are in original-image pixels (x, y), the COCO pixel-edge frame (the centre of
+pixel (r, c) is (c + 0.5, r + 0.5)); ``ResizeLongestSide`` maps them to the encoder input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from ..models.sam import LoadedSam
+from .base import Features
+
+
+class SamEncoder:
+    """SAM's image encoder as a cacheable encoder (``FeatureCache.features`` accepts it)."""
+
+    def __init__(self, sam: LoadedSam) -> None:
+        self.sam = sam
+        self.transform = ResizeLongestSide(sam.image_size)
+        self.cache_key = f"sam-{sam.name}-{sam.fingerprint}"
+
+    @torch.no_grad()
+    def encode(self, image: NDArray[Any]) -> Features:
+        """Features: ``embedding`` (1, C, h, w); meta: ``input_size`` (resized (H, W) before
+        padding) and ``original_size``. ``image``: (H, W, 3) uint8 RGB."""
+        from .cache import image_key
+
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.sam.device).permute(2, 0, 1)[None].float()
+        embedding = self.sam.model.image_encoder(self.sam.model.preprocess(x))
+        original = (int(image.shape[0]), int(image.shape[1]))
+        meta = {"input_size": tuple(x.shape[-2:]), "original_size": original}
+        return Features(original, {"embedding": embedding}, meta, image_key(image))
+
+
+@torch.no_grad()
+def decode(
+    sam: LoadedSam,
+    features: Features,
+    *,
+    points: NDArray[Any] | None = None,
+    labels: NDArray[Any] | None = None,
+    boxes: NDArray[Any] | None = None,
+    multimask: bool = True,
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Masks for B prompts in one decoder pass.
+
+    Args:
+        sam: The model whose encoder made ``features``.
+        features: From :class:`SamEncoder`.
+        points: (B, N, 2) float (x, y) original pixels, or None.
+        labels: (B, N) int, 1 foreground / 0 background, with ``points``.
+        boxes: (B, 4) float xyxy original pixels, or None.
+        multimask: Let SAM propose 3 masks per prompt and keep the highest predicted IoU (SAM's
+            advice for ambiguous prompts such as one point); False asks for one mask.
+
+    Returns:
+        ``(masks, iou)``: (B, H, W) bool in the original frame and (B,) float32 predicted IoU.
+    """
+    model, transform = sam.model, ResizeLongestSide(sam.image_size)
+    original, input_size = features.meta["original_size"], features.meta["input_size"]
+    point_pair = None
+    if points is not None:
+        coords = transform.apply_coords(np.asarray(points, np.float64), original)
+        point_pair = (
+            torch.as_tensor(coords, dtype=torch.float, device=sam.device),
+            torch.as_tensor(labels, dtype=torch.int, device=sam.device),
+        )
+    box_torch = None
+    if boxes is not None:
+        scaled = transform.apply_boxes(np.asarray(boxes, np.float64), original)
+        box_torch = torch.as_tensor(scaled, dtype=torch.float, device=sam.device)
+    sparse, dense = model.prompt_encoder(points=point_pair, boxes=box_torch, masks=None)
+    low_res, iou = model.mask_decoder(
+        image_embeddings=features.tensors["embedding"],
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+    best = iou.argmax(dim=1)  # choose before upsampling: 1 of 3 candidates is upsampled
+    rows = torch.arange(len(best), device=best.device)
+    chosen, chosen_iou = low_res[rows, best][:, None], iou[rows, best]
+    masks = model.postprocess_masks(chosen, input_size, original)[:, 0] > model.mask_threshold
+    return masks.cpu().numpy(), chosen_iou.float().cpu().numpy()
