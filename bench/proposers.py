@@ -15,6 +15,7 @@ nothing is downloaded (``OVSS_OFFLINE=1``).
    (trimmed context, length-sorted batches) on one random subset, then the whole prompt set
    through the disk cache (fill, then lookup).
 3. GFLOP/s of the encoders (``FlopCounterMode`` counts, timed without it) against a matmul.
+4. SAM ViT-B: encoder latency and GFLOP/s, refinement with 1 vs 20 classes (``sam_rows.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from sam_rows import sam_rows  # bench/sam_rows.py (the script's folder is on sys.path)
 from skimage import data
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -233,11 +235,16 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def flop_rows(clip: LoadedClip, sizes: Sizes, naive_batch_seconds: float) -> list[Row]:
-    n = sizes.matmul
+def matmul_limit(n: int) -> tuple[float, float]:
+    """(seconds, FLOP/s) of the best of 3 fp32 n x n matmuls: the CPU's practical limit."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     seconds = best_seconds(lambda: a @ b, 3)
-    limit = 2 * n**3 / seconds
+    return seconds, 2 * n**3 / seconds
+
+
+def flop_rows(clip: LoadedClip, sizes: Sizes, naive_batch_seconds: float) -> list[Row]:
+    n = sizes.matmul
+    seconds, limit = matmul_limit(n)
     rows = [(f"matmul {n}x{n} @ {n}x{n}, best of 3", f"{2 * n**3 / 1e9:.1f}", _ms(seconds))]
     rows[0] += (f"{limit / 1e9:.0f}", "100%")
 
@@ -302,6 +309,10 @@ def main() -> None:
         title = "Achieved fp32 GFLOP/s (FlopCounterMode FLOPs, timed without the counter)"
         columns = ("workload", "GFLOP", "time", "GFLOP/s", "of matmul")
         console.print(table(title, columns, flop_rows(clip, sizes, naive_batch)))
+        title = "SAM ViT-B (random weights), 480x640 photo: encoder and refinement"
+        columns = ("workload", "detail", "time", "note")
+        sam = sam_rows(photo(), matmul_limit(sizes.matmul)[1], count_flops)
+        console.print(table(title, columns, sam))
     console.print(f"total {time.perf_counter() - start:.0f} s, process peak RSS {peak_mb()}")
 
 

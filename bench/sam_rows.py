@@ -1,0 +1,85 @@
+"""SAM rows of ``bench/proposers.py``: encoder latency and GFLOP/s, refinement 1 vs 20 classes.
+
+SAM ViT-B with random weights (same compute as the released one) on a 480x640 photo. The
+refinement runs the real ``SamRefined`` code after a stub dense method that paints K classes
+(two blobs each), so the SAM side is measured alone: encoder, prompts from the score maps, one
+decoder pass for all prompts, best-of-3 chosen before upsampling.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ovss_label.backend.models.sam import SAM_ARCHS, LoadedSam, _create_sam
+from ovss_label.backend.proposers import Features, Proposal, Proposer
+from ovss_label.backend.proposers.refine import SamRefined
+from ovss_label.backend.proposers.sam_prompts import SamEncoder
+from ovss_label.ontologies import Vocabulary
+
+Row = tuple[str, ...]
+
+
+class PaintedClasses(Proposer):
+    """K classes, each two discs on a grid; no model."""
+
+    name = "painted"
+
+    @property
+    def model_version(self) -> str:
+        return "painted"
+
+    def encode(self, image: Any) -> Features:
+        return Features((int(image.shape[0]), int(image.shape[1])), {})
+
+    def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
+        h, w = features.image_hw
+        k = len(vocabulary)
+        scores = np.zeros((k, h, w), np.float32)
+        yy, xx = np.mgrid[:h, :w]
+        rng = np.random.default_rng(k)
+        for i in range(k):
+            for cy, cx in rng.uniform((20, 20), (h - 20, w - 20), size=(2, 2)):
+                scores[i][(yy - cy) ** 2 + (xx - cx) ** 2 < 18**2] = 0.9
+        return Proposal(vocabulary.names, scores)
+
+
+def _seconds(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sam_rows(image: Any, limit: float, count_flops: Any) -> list[Row]:
+    """Rows (workload, detail, time, note) for a 480x640 ``image``; ``limit`` in FLOP/s."""
+    sam = LoadedSam(_create_sam(SAM_ARCHS["sam_vit_b"]), "sam_vit_b", False)
+    encoder = SamEncoder(sam)
+    encoder.encode(image[:64, :64])  # warm-up: kernel selection, allocator
+    seconds = _seconds(lambda: encoder.encode(image))
+    x = torch.zeros(1, 3, 1024, 1024)
+    flops = count_flops(lambda: sam.model.image_encoder(x))
+    rate = flops / seconds
+    rows = [
+        ("SAM ViT-B encoder, 1024x1024 input", f"{flops / 1e9:.0f} GFLOP", _ms(seconds),
+         f"{rate / 1e9:.0f} GFLOP/s = {rate / limit:.0%} of matmul"),
+    ]  # fmt: skip
+    refined = SamRefined(PaintedClasses(), sam)
+    times = {}
+    for k in (1, 20):
+        vocab = Vocabulary.from_labels([f"class{i}" for i in range(k)])
+        start = time.perf_counter()
+        instances = refined.score(refined.encode(image), vocab).instances or []
+        times[k] = time.perf_counter() - start
+        rows.append((f"refinement, {k} class(es), encoder included", f"{len(instances)} masks",
+                     _ms(times[k]), ""))  # fmt: skip
+    ratio = times[20] / times[1]
+    verdict = "[green]PASS[/]" if ratio <= 1.5 else "[red]FAIL[/]"
+    rows.append(("20 classes / 1 class, target <= 1.5x", verdict, f"{ratio:.2f}x", ""))
+    return rows
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
