@@ -41,7 +41,7 @@ def _predict(args):
     return CliRunner().invoke(cli, ["--tiny", "predict", *args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("method", ["naclip", "naclip+sam"])
+@pytest.mark.parametrize("method", ["naclip", "naclip+sam", "clip_sam"])
 def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path, method):
     out = tmp_path / "tasks.json"
     args = [str(photos), "--labels", "cat, person, cup", "-o", str(out), "--format", "both",
@@ -58,7 +58,7 @@ def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path, method):
     for task in tasks:
         assert task["data"]["image"].startswith("/data/local-files/?d=")
         prediction = task["predictions"][0]
-        assert prediction["model_version"].startswith("naclip-clip_tiny")
+        assert prediction["model_version"].startswith(f"{method.split('+')[0]}-clip_tiny")
         assert prediction["model_version"].endswith("+sam_tiny") == (method == "naclip+sam")
         assert interface.validate_prediction(prediction)
         assert prediction["result"], task["data"]["image"]

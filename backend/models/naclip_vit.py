@@ -110,6 +110,33 @@ def neighbour_attention(
     return projected
 
 
+def _trunk(visual: Any, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Patch embedding, (interpolated) positions, ``ln_pre`` and blocks 0..L-2: (B, 1+N, C)."""
+    x = visual.conv1(images)
+    grid_h, grid_w = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1)
+    x = x + interpolate_pos_embed(visual.positional_embedding, grid_h, grid_w).to(x.dtype)
+    x = visual.ln_pre(x)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    return x, int(grid_h), int(grid_w)
+
+
+def _neighbour_block(
+    visual: Any, x: torch.Tensor, grid: tuple[int, int], std: float, arch: str
+) -> torch.Tensor:
+    last = visual.transformer.resblocks[-1]
+    omega = gaussian_omega(grid[0], grid[1], std, x.device)
+    out = neighbour_attention(last.attn, last.ln_1(x), omega)
+    if arch == "vanilla":
+        out = x + out
+        out = out + last.mlp(last.ln_2(out))
+    tokens: torch.Tensor = visual.ln_post(out) @ visual.proj
+    return tokens
+
+
 @torch.no_grad()
 def naclip_tokens(
     visual: Any, images: torch.Tensor, std: float = 5.0, arch: str = "reduced"
@@ -128,21 +155,22 @@ def naclip_tokens(
     """
     if arch not in ("reduced", "vanilla"):
         raise ValueError(f"arch must be 'reduced' or 'vanilla', got {arch!r}")
-    x = visual.conv1(images)
-    grid_h, grid_w = x.shape[-2:]
-    x = x.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1)
-    x = x + interpolate_pos_embed(visual.positional_embedding, grid_h, grid_w).to(x.dtype)
-    x = visual.ln_pre(x)
-    blocks = visual.transformer.resblocks
-    for block in blocks[:-1]:
-        x = block(x)
-    last = blocks[-1]
-    omega = gaussian_omega(grid_h, grid_w, std, x.device)
-    out = neighbour_attention(last.attn, last.ln_1(x), omega)
-    if arch == "vanilla":
-        out = x + out
-        out = out + last.mlp(last.ln_2(out))
-    tokens: torch.Tensor = visual.ln_post(out) @ visual.proj
-    return tokens
+    x, grid_h, grid_w = _trunk(visual, images)
+    return _neighbour_block(visual, x, (grid_h, grid_w), std, arch)
+
+
+@torch.no_grad()
+def clip_cls_and_naclip_tokens(
+    visual: Any, images: torch.Tensor, std: float = 5.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's own image embedding and NACLIP's dense tokens, sharing blocks 0..L-2.
+
+    Returns:
+        ``(cls, tokens)``: (B, D) the standard image embedding (the unmodified last block,
+        ``ln_post`` of the CLS token, ``proj``; equal to ``encode_image`` at the training
+        size) and (B, 1 + gh*gw, D) as :func:`naclip_tokens`.
+    """
+    x, grid_h, grid_w = _trunk(visual, images)
+    standard = visual.transformer.resblocks[-1](x)
+    cls: torch.Tensor = visual.ln_post(standard[:, 0]) @ visual.proj
+    return cls, _neighbour_block(visual, x, (grid_h, grid_w), std, "reduced")

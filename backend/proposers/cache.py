@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,6 +18,15 @@ from numpy.typing import NDArray
 from ovss_label.ontologies import Vocabulary
 
 from .base import Features, Proposal, Proposer
+
+
+class Encoder(Protocol):
+    """Anything whose image work can be cached: proposers, ``SamEncoder``."""
+
+    @property
+    def cache_key(self) -> str: ...
+
+    def encode(self, image: NDArray[Any]) -> Features: ...
 
 
 def image_key(image: NDArray[Any]) -> str:
@@ -43,6 +52,10 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __bool__(self) -> bool:
+        # An empty cache is still a cache: `if cache:` must not mean `if cache is not empty`.
+        return True
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +88,7 @@ class FeatureCache:
                 _, evicted = self._items.popitem(last=False)
                 self._bytes -= evicted.nbytes
 
-    def features(self, proposer: Proposer, image: NDArray[Any]) -> Features:
+    def features(self, proposer: Encoder, image: NDArray[Any]) -> Features:
         """Cached features of ``image``, encoding on a miss.
 
         Two threads missing the same key at once both encode (no lock is held while encoding,

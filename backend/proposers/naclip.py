@@ -130,7 +130,7 @@ class NaclipProposer(Proposer):
         return Features(size, tensors, {"frames": frames, "boxes": boxes}, image_key(image))
 
     def _normalise(self, rgb: NDArray[Any]) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()  # a writable copy
         mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
         std = torch.tensor(PIXEL_STD).view(3, 1, 1)
         return ((x - mean) / std).to(self.clip.device)

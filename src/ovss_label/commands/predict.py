@@ -14,7 +14,7 @@ from rich.table import Table
 from ovss_label.converters import CocoWriter, write_json_atomic
 from ovss_label.ontologies import Vocabulary, label_config, load
 
-METHODS = ("naclip", "naclip+sam")
+METHODS = ("naclip", "naclip+sam", "clip_sam")
 SAM_MODELS = ("sam_vit_b", "sam_vit_l", "sam_vit_h")
 FORMATS = ("brush", "polygon", "both")
 
@@ -77,7 +77,7 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
     type=click.Choice(SAM_MODELS),
     default="sam_vit_b",
     show_default=True,
-    help="SAM for the +sam methods.",
+    help="SAM for naclip+sam and clip_sam.",
 )
 @click.option("--sam-checkpoint", type=click.Path(dir_okay=False), help="Explicit SAM weight file.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Explicit weight file.")
@@ -135,8 +135,10 @@ def predict(
     if tiny:
         os.environ["OVSS_TINY"] = "1"
     # Each file is scored once: no feature or refined-map caches to fill memory with.
-    options = {"background": background, "pamr_steps": 10 if pamr else 0, "map_cache_mb": 0}
-    if method.endswith("+sam"):
+    options: dict[str, Any] = {}
+    if method.startswith("naclip"):
+        options.update(background=background, pamr_steps=10 if pamr else 0, map_cache_mb=0)
+    if "sam" in method:
         options.update(sam_model=sam_model, sam_checkpoint=sam_checkpoint)
     proposer = _proposer(method, tiny, checkpoint, device, options)
     writer = CocoWriter(vocab.names) if coco else None

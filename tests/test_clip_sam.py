@@ -1,0 +1,108 @@
+"""FMbSeg stage 1 (clip_sam): presence, points, mask labelling by hand; AMG; one SAM pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovss_label.backend.models.naclip_vit import clip_cls_and_naclip_tokens, naclip_tokens
+from ovss_label.backend.models.sam import TINY_SAM_CFG, LoadedSam, _create_sam
+from ovss_label.backend.proposers import FeatureCache, create_proposer, fmbseg, propose
+from ovss_label.backend.proposers.clip_sam import ClipSamConfig, automatic_masks
+from ovss_label.backend.proposers.sam_prompts import SamEncoder
+from ovss_label.ontologies import Vocabulary
+
+
+def test_presence_counts_crop_votes():
+    # 4 crops x 3 classes: crops 0, 1 vote class 2; crop 2 votes class 0; crop 3 votes class 2.
+    sims = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.1, 0.2], [0.5, 0.1, 0.2], [0.1, 0.1, 0.4]])
+    assert fmbseg.present_classes(sims, min_crops=1).tolist() == [False, False, True]
+    assert fmbseg.present_classes(sims, min_crops=0).tolist() == [True, False, True]
+    assert fmbseg.present_classes(sims, min_crops=3).tolist() == [False, False, False]
+
+
+def test_top_patches_and_their_pixel_centres():
+    sim = torch.zeros(4, 6)
+    sim[1, 2], sim[3, 5], sim[0, 0] = 0.9, 0.8, 0.7
+    patches = fmbseg.top_patches(sim, n=2)
+    assert patches.tolist() == [[1, 2], [3, 5]]
+    # 14-px patches in a frame twice the original size: centres at (col+0.5)*14/2.
+    xy = fmbseg.patch_centres_to_pixels(patches, 14, (0.5, 0.5))
+    np.testing.assert_allclose(xy, [[2.5 * 7, 1.5 * 7], [5.5 * 7, 3.5 * 7]])
+
+
+def test_masks_are_labelled_by_their_mean_patch_feature():
+    # A 2x2 patch grid: left column feature e0 ("cat"), right column e1 ("dog").
+    e0, e1, e2 = torch.eye(3)
+    features = torch.stack([torch.stack([e0, e1]), torch.stack([e0, e1])])  # (2, 2, 3)
+    left = np.zeros((20, 20), bool)
+    left[:, :10] = True
+    mostly_right = np.zeros((20, 20), bool)
+    mostly_right[:, 6:] = True  # 40% of the left patches, all of the right ones
+    mean = fmbseg.mask_mean_features(np.stack([left, mostly_right]), features)
+    torch.testing.assert_close(mean[0], e0)
+    torch.testing.assert_close(mean[1], F.normalize(0.4 * e0 + e1, dim=0))
+    text = torch.stack([e0, e1, e2])
+    labels, confidence = fmbseg.label_masks(mean, text, np.array([True, True, False]))
+    assert labels.tolist() == [0, 1] and confidence[0] > 0.99
+    only_cat = fmbseg.label_masks(mean, text, np.array([True, False, False]))[0]
+    assert only_cat.tolist() == [0, 0]  # absent classes are never chosen
+
+
+def test_crop_cls_is_clips_image_embedding(tiny_clip):
+    visual, image = tiny_clip.model.visual, torch.randn(2, 3, 32, 32)  # the training size
+    cls, tokens = clip_cls_and_naclip_tokens(visual, image)
+    with torch.no_grad():
+        torch.testing.assert_close(cls, tiny_clip.model.encode_image(image), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens, naclip_tokens(visual, image))
+
+
+@pytest.fixture(scope="module")
+def tiny_sam():
+    return LoadedSam(_create_sam(TINY_SAM_CFG, seed=5), "sam_tiny", True)
+
+
+def test_automatic_masks_run_on_the_cached_embedding(tiny_sam):
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    calls = []
+    hook = tiny_sam.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        features = SamEncoder(tiny_sam).encode(image)
+        config = ClipSamConfig(
+            amg_points_per_side=4, amg_pred_iou=0.0, amg_stability=0.0, amg_box_nms=1.0
+        )
+        records = automatic_masks(tiny_sam, features, config)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and records  # masks came out, from the one encoder pass
+    for record in records:
+        assert record["segmentation"].shape == (48, 80) and record["area"] > 0
+        assert record["area"] == int(record["segmentation"].sum())
+
+
+def test_one_sam_pass_across_refinement_and_both_stages(tiny_checkpoints, tiny_sam, monkeypatch):
+    from ovss_label.backend.proposers import clip_sam, refine
+
+    monkeypatch.setattr(refine, "build_sam", lambda *a, **k: tiny_sam)
+    monkeypatch.setattr(clip_sam, "build_sam", lambda *a, **k: tiny_sam)
+    calls = []
+    tiny_sam.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    cache = FeatureCache()
+    common = {"tiny": True, "checkpoint": tiny_checkpoints["openai"], "feature_cache": cache}
+    fmb = create_proposer(
+        "clip_sam", min_crops=0, amg_points_per_side=4, amg_pred_iou=0.0, amg_stability=0.0,
+        amg_box_nms=1.0, min_area=0.0, **common,
+    )  # fmt: skip
+    refined = create_proposer("naclip+sam", background="none", **common)
+    image = np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    vocab = Vocabulary.from_labels("cat, dog")
+    first = propose(fmb, image, vocab, cache)
+    propose(refined, image, vocab, cache)
+    propose(fmb, image, Vocabulary.from_labels("cup"), cache)
+    assert len(calls) == 1
+    assert first.instances and first.scores.shape == (2, 48, 80)
+    assert {i.label for i in first.instances} <= {"cat", "dog"}
+    for inst in first.instances:
+        assert inst.mask.shape == (48, 80) and 0 <= inst.score <= 1
