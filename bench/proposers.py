@@ -309,9 +309,10 @@ def main() -> None:
         title = "Achieved fp32 GFLOP/s (FlopCounterMode FLOPs, timed without the counter)"
         columns = ("workload", "GFLOP", "time", "GFLOP/s", "of matmul")
         console.print(table(title, columns, flop_rows(clip, sizes, naive_batch)))
-        title = "SAM ViT-B (random weights), 480x640 photo: encoder and refinement"
+        title = "SAM ViT-B and CLIP ViT-L/14 (random weights), 480x640 photo"
         columns = ("workload", "detail", "time", "note")
-        sam = sam_rows(photo(), matmul_limit(sizes.matmul)[1], count_flops)
+        points = 8 if args.quick else 32  # SAM automatic-mask grid (library default 32)
+        sam = sam_rows(photo(), matmul_limit(sizes.matmul)[1], count_flops, Path(tmp), points)
         console.print(table(title, columns, sam))
     console.print(f"total {time.perf_counter() - start:.0f} s, process peak RSS {peak_mb()}")
 
