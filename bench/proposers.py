@@ -1,11 +1,12 @@
-"""Proposer benchmark: NACLIP cold vs cached latency, CLIP text encoding, encoder GFLOP/s.
+"""Proposer benchmark: NACLIP cold vs cached latency, CLIP text encoding, encoder GFLOP/s, SAM.
 
-Run ``.venv/bin/python bench/proposers.py [--quick]``: about 3.5 minutes on 2 cores, or under 20 s
-with ``--quick`` (a smoke test: fewer templates, smaller subsets and batches). Models are the real
-architectures (CLIP ViT-B/16, QuickGELU) with random weights, which cost the same compute as the
-released ones. Everything is measured in this one run with torch's default thread count, and ratios
-compare rows measured side by side. Disk caches live in a temporary directory (``OVSS_CACHE_DIR``);
-nothing is downloaded (``OVSS_OFFLINE=1``).
+Run ``.venv/bin/python bench/proposers.py [--quick]``: about 7 minutes on 2 cores (2 of them in
+SAM's automatic mask generator), or about 2 minutes with ``--quick`` (a smoke test: fewer
+templates, smaller subsets and batches, an 8x8 mask-generator grid). Models are the real
+architectures (CLIP ViT-B/16 and ViT-L/14 with QuickGELU, SAM ViT-B) with random weights, which
+cost the same compute as the released ones. Everything is measured in this one run with torch's
+default thread count, and ratios compare rows measured side by side. Disk caches live in a
+temporary directory (``OVSS_CACHE_DIR``); nothing is downloaded (``OVSS_OFFLINE=1``).
 
 1. NACLIP on a 480x640 photo: a warm-up ``propose`` on another image (one-time costs: lazy
    imports, Ω, kernel selection), then cold (empty FeatureCache, text embeddings already on
