@@ -12,6 +12,7 @@ from ovss_label.commands.export import export
 from ovss_label.commands.models import models
 from ovss_label.commands.ontology import ontology
 from ovss_label.commands.predict import predict
+from ovss_label.commands.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +31,7 @@ cli.add_command(coco_import)
 cli.add_command(ontology)
 cli.add_command(predict)
 cli.add_command(models)
+cli.add_command(serve)
 
 
 def main() -> None:

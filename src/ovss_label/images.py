@@ -35,20 +35,35 @@ def image_size_from_dir(root: Path) -> Callable[[dict[str, Any], str], tuple[int
     return lookup
 
 
-def load_rgb(path: Path) -> Any:
+def load_rgb(path: Path, max_pixels: int | None = None) -> Any:
     """Decodes an image file to (H, W, 3) uint8 RGB in the frame Label Studio shows.
 
     EXIF orientation is applied; grayscale, palette, RGBA (composited on black, as alpha is
     not part of the photo), CMYK and 16-bit images are converted.
 
     Raises:
-        ValueError: The file is not a readable image (the message names it).
+        ValueError: The file is not a readable image, or has more than ``max_pixels`` pixels
+            (the message names it).
     """
+    return _decode(path, str(path), max_pixels)
+
+
+def decode_rgb(data: bytes, name: str = "image", max_pixels: int | None = None) -> Any:
+    """:func:`load_rgb` for bytes in memory (downloaded task media)."""
+    import io
+
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Any, name: str, max_pixels: int | None) -> Any:
     import numpy as np
     from PIL import ImageOps
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(f"{width}x{height} px is more than the {max_pixels:,} px limit")
             image.load()
             image = ImageOps.exif_transpose(image)
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -57,4 +72,4 @@ def load_rgb(path: Path) -> Any:
                 image = Image.fromarray((wide / top * 255).round().astype(np.uint8))
             return np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
+        raise ValueError(f"cannot read image {name}: {exc}") from exc

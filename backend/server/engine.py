@@ -1,0 +1,135 @@
+"""The server's process-wide state: models, caches, the executor, the event store.
+
+Label Studio's protocol facts this honours (label_studio.md §1.3-1.5):
+
+- exactly one prediction per task, in task order; a task that fails gets an empty ``result``
+  and a logged reason, never a failed batch;
+- the same ``model_version`` in ``/setup`` and on every prediction (Label Studio skips tasks that
+  already have a prediction of the version ``/setup`` reports; a mismatch duplicates them);
+- models load once per process, on first use, never at import; predictions run in a bounded
+  thread pool; the feature cache is shared by all projects.
+
+The method of a project: the ``ovss_method`` attribute of its BrushLabels/PolygonLabels
+control (e.g. ``<BrushLabels name="tag" toName="image" ovss_method="naclip+sam">``), else the
+server default. The vocabulary: the config's labels with their ``predicted_values``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from ovss_label import __version__
+from ovss_label.ontologies import Vocabulary
+
+from ..predict import Output
+from ..proposers import (
+    FeatureCache,
+    PostprocessConfig,
+    Proposer,
+    create_proposer,
+    proposal_to_instances,
+    propose,
+)
+from .events import EventStore
+from .media import MediaFetcher, redact
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+METHODS = ("naclip", "naclip+sam", "clip_sam")
+_SAM_METHODS = ("naclip+sam", "clip_sam")
+
+
+@dataclass(frozen=True)
+class Project:
+    """What a labeling config tells the server: method, vocabulary, result controls."""
+
+    method: str
+    vocabulary: Vocabulary
+    output: Output
+
+
+@lru_cache(maxsize=64)
+def parse_project(label_config: str, default_method: str) -> Project:
+    """The project's method, vocabulary and controls; ValueError names what is missing."""
+    from label_studio_sdk.label_interface.interface import LabelInterface
+
+    if not label_config or not label_config.strip():
+        raise ValueError("the request has no label_config")
+    output = Output.from_label_config(label_config, None)
+    method = default_method
+    for control in LabelInterface(label_config).controls:
+        chosen = control.attr.get("ovss_method") if hasattr(control, "attr") else None
+        if chosen:
+            method = str(chosen)
+    if method not in METHODS:
+        raise ValueError(f"ovss_method {method!r} is not one of {', '.join(METHODS)}")
+    return Project(method, Vocabulary.from_label_config(label_config), output)
+
+
+class Engine:
+    """Models, caches and workers shared by all requests (module docstring)."""
+
+    def __init__(self, settings: ServerSettings, fetcher: MediaFetcher | None = None) -> None:
+        self.settings = settings
+        self.media = fetcher or MediaFetcher(settings.media)
+        self.events = EventStore(settings.data_dir / "events.sqlite")
+        self.cache = FeatureCache(settings.cache_mb << 20)
+        self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="ovss")
+        self._proposers: dict[str, Proposer] = {}
+        self._lock = threading.Lock()
+
+    def model_version(self, method: str) -> str:
+        """What ``/setup`` reports and every prediction of ``method`` carries."""
+        return f"ovss-label-{__version__}-{method}{'-tiny' if self.settings.tiny else ''}"
+
+    def proposer(self, method: str) -> Proposer:
+        """The method's proposer, built once per process (thread-safe)."""
+        with self._lock:
+            if method not in self._proposers:
+                options: dict[str, Any] = {"tiny": self.settings.tiny or None}
+                options["device"] = self.settings.device
+                if method in _SAM_METHODS:
+                    options["feature_cache"] = self.cache
+                self._proposers[method] = create_proposer(method, **options)
+            return self._proposers[method]
+
+    def predict(self, tasks: list[dict[str, Any]], label_config: str) -> list[dict[str, Any]]:
+        """One prediction per task, in order (module docstring)."""
+        try:
+            project = parse_project(label_config, self.settings.method)
+        except ValueError as exc:
+            log.warning("labeling config refused for %d task(s): %s", len(tasks), exc)
+            return [self._empty(self.settings.method) for _ in tasks]
+        return list(self.executor.map(lambda t: self._predict_one(t, project), tasks))
+
+    def _predict_one(self, task: dict[str, Any], project: Project) -> dict[str, Any]:
+        version = self.model_version(project.method)
+        task_id = task.get("id") if isinstance(task, dict) else None
+        try:
+            url = (task.get("data") or {}).get(project.output.data_key)
+            image = self.media.image(url, task_id if isinstance(task_id, int) else None)
+            proposal = propose(self.proposer(project.method), image, project.vocabulary, self.cache)
+            instances = proposal_to_instances(proposal, PostprocessConfig())
+        except Exception as exc:  # any failure stays this task's: the batch must go on
+            log.warning("task %s: no prediction: %s: %s", task_id, type(exc).__name__, _safe(exc))
+            return self._empty(project.method)
+        scores = [i.score for i in instances if i.score is not None]
+        return {
+            "result": project.output.results(instances),
+            "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+            "model_version": version,
+        }
+
+    def _empty(self, method: str) -> dict[str, Any]:
+        return {"result": [], "score": 0.0, "model_version": self.model_version(method)}
+
+
+def _safe(exc: Exception) -> str:
+    """An exception message without URL query strings (they may carry credentials)."""
+    return " ".join(redact(w) if "://" in w else w for w in str(exc).split())

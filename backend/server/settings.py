@@ -1,0 +1,93 @@
+"""Server settings: one frozen object, from CLI options and environment variables.
+
+Weight paths come from here only (server configuration), never from a labeling config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What task media the server may download or read, and how much.
+
+    Attributes:
+        ls_url: Label Studio's base URL (``LABEL_STUDIO_URL``); its host always passes the
+            private-address policy (Label Studio often runs on a private address) and is the
+            only host that receives the token.
+        ls_token: ``LABEL_STUDIO_API_KEY``: a legacy token or a personal access token.
+        local_root: ``/data/local-files/`` paths are read under this folder only; None refuses.
+        allow_private: Allow other hosts on private, loopback or link-local addresses.
+        max_bytes: Largest download.
+        max_pixels: Largest decoded image (decompression bombs).
+        connect_timeout: Seconds to connect.
+        read_timeout: Seconds between bytes.
+        max_redirects: Redirects followed per download.
+    """
+
+    ls_url: str | None = None
+    ls_token: str | None = field(default=None, repr=False)
+    local_root: Path | None = None
+    allow_private: bool = False
+    max_bytes: int = 64 << 20
+    max_pixels: int = 80_000_000
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_redirects: int = 3
+
+    @classmethod
+    def from_env(cls) -> MediaPolicy:
+        """From ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``OVSS_LOCAL_FILES_ROOT``
+        (or ``LOCAL_FILES_DOCUMENT_ROOT``), ``OVSS_ALLOW_PRIVATE_URLS``, ``OVSS_MAX_IMAGE_MB``."""
+        root = os.environ.get("OVSS_LOCAL_FILES_ROOT") or os.environ.get(
+            "LOCAL_FILES_DOCUMENT_ROOT"
+        )
+        return cls(
+            ls_url=os.environ.get("LABEL_STUDIO_URL") or None,
+            ls_token=os.environ.get("LABEL_STUDIO_API_KEY") or None,
+            local_root=Path(root) if root else None,
+            allow_private=_env_bool("OVSS_ALLOW_PRIVATE_URLS"),
+            max_bytes=_env_int("OVSS_MAX_IMAGE_MB", 64) << 20,
+        )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``ovss-label serve`` is configured with.
+
+    Attributes:
+        method: Default method for projects whose labeling config names none.
+        tiny: Tiny random models (plumbing tests).
+        device: Torch device.
+        data_dir: SQLite event store and (later) checkpoints.
+        workers: Tasks predicted in parallel (bounded executor).
+        cache_mb: Feature-cache budget shared by all projects.
+        basic_user: HTTP basic-auth user (None: no auth).
+        basic_password: Its password.
+        webhook_token: Shared token Label Studio's webhook may carry as ``?token=``.
+        media: Media download policy.
+    """
+
+    method: str = "naclip"
+    tiny: bool = False
+    device: str = "cpu"
+    data_dir: Path = Path("ovss-data")
+    workers: int = 2
+    cache_mb: int = 1024
+    basic_user: str | None = None
+    basic_password: str | None = field(default=None, repr=False)
+    webhook_token: str | None = field(default=None, repr=False)
+    media: MediaPolicy = field(default_factory=MediaPolicy)

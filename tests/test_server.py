@@ -1,0 +1,223 @@
+"""The ML-backend protocol with a test client and payloads shaped like Label Studio 1.23's."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from label_studio_sdk.label_interface.interface import LabelInterface
+from PIL import Image
+
+from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings, create_app
+from ovss_label.backend.server.media import MediaFetcher
+
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Cat" predicted_values="cat, kitten"/><Label value="Dog"/>
+  </BrushLabels>
+  <PolygonLabels name="outline" toName="image">
+    <Label value="Cat"/><Label value="Dog"/>
+  </PolygonLabels>
+</View>"""
+
+
+def _png(h=40, w=60, seed=0) -> bytes:
+    import io
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _label_studio(request: httpx.Request) -> httpx.Response:
+    """A fake Label Studio/media host for the fetcher (no network)."""
+    if request.url.host == "ls.test" and request.url.path.startswith("/data/upload/"):
+        if request.headers.get("authorization") != "Token secret-token":
+            return httpx.Response(401)
+        return httpx.Response(200, content=_png(seed=1))
+    if request.url.host == "media.test" and request.url.path == "/redirect":
+        return httpx.Response(302, headers={"location": "http://ls.test/data/upload/1/a.png"})
+    return httpx.Response(404)
+
+
+@pytest.fixture()
+def server(tmp_path, monkeypatch):
+    root = tmp_path / "files"
+    (root / "photos").mkdir(parents=True)
+    (root / "photos" / "a.png").write_bytes(_png())
+    (root / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    policy = MediaPolicy(ls_url="http://ls.test", ls_token="secret-token", local_root=root)
+    # The fake hosts resolve nowhere; treat them as public so the private-address check passes.
+    monkeypatch.setattr(
+        "socket.getaddrinfo", lambda host, *a, **k: [(2, 1, 6, "", ("93.184.216.34", 80))]
+    )
+    settings = ServerSettings(tiny=True, data_dir=tmp_path / "data", media=policy)
+    engine = Engine(settings, MediaFetcher(policy, httpx.MockTransport(_label_studio)))
+    return TestClient(create_app(engine)), engine
+
+
+def _task(task_id, url):
+    return {"id": task_id, "data": {"image": url}, "annotations": [], "predictions": [], "meta": {},
+            "created_at": "2026-11-21T10:00:00Z", "updated_at": "2026-11-21T10:00:00Z",
+            "is_labeled": False, "overlap": 1, "inner_id": task_id, "total_annotations": 0,
+            "cancelled_annotations": 0, "total_predictions": 0, "project": 3,
+            "file_upload": None}  # fmt: skip
+
+
+def _predict_body(tasks):
+    return {"tasks": tasks, "project": "3.1763719200", "label_config": CONFIG,
+            "params": {"login": None, "password": None, "context": None}}  # fmt: skip
+
+
+def test_health_and_setup_report_the_version_predictions_carry(server):
+    client, engine = server
+    assert client.get("/health").json()["status"] == "UP"
+    assert client.get("/").status_code == 200
+    setup_body = {"project": "3.1763719200", "schema": CONFIG, "hostname": "http://ls.test",
+                  "access_token": "x"}  # fmt: skip
+    setup = client.post("/setup", json=setup_body)
+    version = setup.json()["model_version"]
+    assert version == engine.model_version("naclip") and "tiny" in version
+    body = client.post(
+        "/predict", json=_predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
+    )
+    prediction = body.json()["results"][0]
+    assert prediction["model_version"] == version
+    assert client.get("/versions").json()["versions"][0] == version
+
+
+def test_one_prediction_per_task_in_order_and_failures_stay_local(server):
+    client, _ = server
+    tasks = [
+        _task(11, "/data/local-files/?d=photos/a.png"),
+        _task(12, "/data/local-files/?d=photos/broken.jpg"),  # corrupt
+        _task(13, "/data/upload/3/b.png"),  # Label Studio upload, with the token
+        _task(14, "http://media.test/missing.png"),  # 404
+        _task(15, "/data/local-files/?d=../../etc/passwd"),  # outside the root
+        _task(16, "http://media.test/redirect"),  # redirected to Label Studio
+        {"id": 17, "data": {}},  # no image
+    ]
+    response = client.post("/predict", json=_predict_body(tasks))
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert len(results) == len(tasks)
+    interface = LabelInterface(CONFIG)
+    for task, prediction in zip(tasks, results, strict=True):
+        assert interface.validate_prediction(prediction), task["id"]
+    ok = [bool(p["result"]) for p in results]
+    assert ok == [True, False, True, False, False, True, False]
+    for prediction in results[:1]:
+        types = {r["type"] for r in prediction["result"]}
+        assert types == {"brushlabels", "polygonlabels"}
+        assert {r["from_name"] for r in prediction["result"]} == {"tag", "outline"}
+    assert client.get("/health").json()["status"] == "UP"  # still healthy
+
+
+def test_token_goes_only_to_label_studio(server):
+    _, engine = server
+    assert engine.media._headers("http://ls.test/data/upload/1/a.png") == {
+        "Authorization": "Token secret-token"
+    }
+    assert engine.media._headers("http://media.test/a.png") == {}
+    jwt = MediaFetcher(MediaPolicy(ls_url="http://ls.test", ls_token="a.b.c"))
+    assert jwt._headers("http://ls.test/x") == {"Authorization": "Bearer a.b.c"}
+
+
+def test_private_addresses_are_refused_unless_allowed(monkeypatch):
+    monkeypatch.setattr(
+        "socket.getaddrinfo", lambda host, *a, **k: [(2, 1, 6, "", ("10.0.0.5", 80))]
+    )
+    fetcher = MediaFetcher(
+        MediaPolicy(), httpx.MockTransport(lambda r: httpx.Response(200, content=_png()))
+    )
+    with pytest.raises(ValueError, match=r"non-public address 10\.0\.0\.5"):
+        fetcher.image("http://intranet.test/a.png")
+    allowed = MediaFetcher(
+        MediaPolicy(allow_private=True),
+        httpx.MockTransport(lambda r: httpx.Response(200, content=_png())),
+    )
+    assert allowed.image("http://intranet.test/a.png").shape == (40, 60, 3)
+
+
+def test_byte_and_pixel_caps(monkeypatch):
+    monkeypatch.setattr(
+        "socket.getaddrinfo", lambda host, *a, **k: [(2, 1, 6, "", ("93.184.216.34", 80))]
+    )
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, content=_png()))
+    with pytest.raises(ValueError, match="byte limit"):
+        MediaFetcher(MediaPolicy(max_bytes=100), transport).image("http://media.test/a.png")
+    with pytest.raises(ValueError, match="px limit"):
+        MediaFetcher(MediaPolicy(max_pixels=100), transport).image("http://media.test/a.png")
+
+
+def test_cloud_urls_go_through_the_presign_endpoint(server):
+    _, engine = server
+    url = engine.media._absolute("s3://bucket/photo.jpg", 42)
+    encoded = base64.urlsafe_b64encode(b"s3://bucket/photo.jpg").decode()
+    assert url == f"http://ls.test/tasks/42/presign/?fileuri={encoded}"
+
+
+def test_a_config_without_brush_or_polygon_gets_empty_predictions(server):
+    client, _ = server
+    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
+    body["label_config"] = (
+        '<View><Image name="image" value="$image"/>'
+        '<Choices name="c" toName="image"><Choice value="x"/></Choices></View>'
+    )
+    results = client.post("/predict", json=body).json()["results"]
+    assert len(results) == 1 and results[0]["result"] == []
+
+
+def test_webhooks_are_recorded_and_answered_at_once(server):
+    client, engine = server
+    project = {"id": 3, "title": "p", "label_config": CONFIG, "created_at": "2026-11-21T10:00:00Z"}
+    created = {"action": "ANNOTATION_CREATED", "project": project, "task": {"id": 11},
+               "annotation": {"id": 501, "result": []}}  # fmt: skip
+    bulk = {"action": "ANNOTATIONS_CREATED", "project": project,
+            "annotation": [{"id": 502}, {"id": 503}]}  # fmt: skip
+    deleted = {"action": "ANNOTATIONS_DELETED", "project": project, "annotations": [{"id": 501}]}
+    training = {"action": "START_TRAINING", "project": project}
+    for payload in (created, bulk, deleted, training):
+        response = client.post("/webhook", json=payload)
+        assert response.status_code == 201 and response.json()["status"] == "ok"
+    other = client.post("/webhook", json={"action": "TASKS_CREATED", "project": project})
+    assert other.status_code == 200 and other.json()["status"] == "Unknown event"
+    events = engine.events.all()
+    assert [e["action"] for e in events] == ["ANNOTATION_CREATED", "ANNOTATIONS_CREATED",
+                                             "ANNOTATIONS_DELETED", "START_TRAINING"]  # fmt: skip
+    assert events[0]["annotation_ids"] == [501] and events[0]["task_ids"] == [11]
+    assert events[1]["annotation_ids"] == [502, 503] and events[2]["annotation_ids"] == [501]
+    assert all(e["project_id"] == 3 for e in events)
+    assert json.loads(events[3]["payload"])["action"] == "START_TRAINING"
+
+
+def test_basic_auth_everywhere_and_the_webhook_token(tmp_path):
+    settings = ServerSettings(tiny=True, data_dir=tmp_path, basic_user="ls", basic_password="pw",
+                              webhook_token="hook")  # fmt: skip
+    client = TestClient(create_app(Engine(settings)))
+    assert client.get("/health").status_code == 401
+    assert client.get("/health", auth=("ls", "wrong")).status_code == 401
+    assert client.get("/health", auth=("ls", "pw")).status_code == 200
+    event = {"action": "START_TRAINING", "project": {"id": 1}}
+    assert client.post("/webhook", json=event).status_code == 401
+    assert client.post("/webhook?token=nope", json=event).status_code == 401
+    assert client.post("/webhook?token=hook", json=event).status_code == 201
+    assert client.post("/predict?token=hook", json={"tasks": []}).status_code == 401
+
+
+def test_no_secrets_in_logs(server, caplog):
+    client, _ = server
+    caplog.set_level("DEBUG")
+    tasks = [_task(1, "http://media.test/missing.png?X-Amz-Signature=topsecret")]
+    client.post(
+        "/predict", json=_predict_body(tasks), headers={"Authorization": "Token secret-token"}
+    )
+    text = caplog.text
+    assert "topsecret" not in text and "secret-token" not in text
+    assert "task 1: no prediction" in text
