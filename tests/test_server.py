@@ -221,3 +221,44 @@ def test_no_secrets_in_logs(server, caplog):
     text = caplog.text
     assert "topsecret" not in text and "secret-token" not in text
     assert "task 1: no prediction" in text
+
+
+INTERACTIVE = CONFIG.replace(
+    "</View>",
+    '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Cat"/></KeyPointLabels>'
+    '<RectangleLabels name="box" toName="image" smart="true"><Label value="Dog"/>'
+    "</RectangleLabels></View>",
+)
+
+
+def _click(kind, value, positive=True):
+    return {"type": kind, "value": value, "original_width": 60, "original_height": 40,
+            "image_rotation": 0, "from_name": "kp", "to_name": "image",
+            "is_positive": positive}  # fmt: skip
+
+
+def test_smart_keypoints_and_rectangles_give_one_sam_mask(server):
+    from ovss_label.backend.server.interactive import click_prompt
+
+    client, _ = server
+    context = {"result": [
+        _click("keypointlabels", {"x": 50, "y": 50, "width": 1, "keypointlabels": ["Cat"]}),
+        _click("keypointlabels", {"x": 10, "y": 10, "width": 1, "keypointlabels": ["Cat"]}, False),
+    ]}  # fmt: skip
+    prompt = click_prompt(context, 40, 60)
+    np.testing.assert_allclose(prompt.points, [[30, 20], [6, 4]])
+    assert prompt.point_labels.tolist() == [1, 0] and prompt.label == "Cat" and prompt.box is None
+    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
+    body["label_config"], body["params"]["context"] = INTERACTIVE, context
+    results = client.post("/predict", json=body).json()["results"]
+    assert len(results) == 1 and len(results[0]["result"]) == 1
+    region = results[0]["result"][0]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Cat"]
+    assert LabelInterface(INTERACTIVE).validate_prediction(results[0])
+    value = {"x": 10, "y": 20, "width": 50, "height": 40, "rotation": 0, "rectanglelabels": ["Dog"]}
+    box = {"result": [_click("rectanglelabels", value)]}
+    boxed = click_prompt(box, 40, 60)
+    np.testing.assert_allclose(boxed.box, [6, 8, 36, 24])
+    body["params"]["context"] = box
+    region = client.post("/predict", json=body).json()["results"][0]["result"][0]
+    assert region["value"]["brushlabels"] == ["Dog"]

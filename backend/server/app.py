@@ -81,7 +81,11 @@ def create_app(engine: Engine) -> FastAPI:
         body = await _json(request)
         tasks = [t for t in body.get("tasks") or [] if isinstance(t, dict)]
         config = str(body.get("label_config") or "")
-        results = await asyncio.to_thread(engine.predict, tasks, config)
+        params = body.get("params")
+        context = (params.get("context") if isinstance(params, dict) else None) or body.get(
+            "context"
+        )
+        results = await asyncio.to_thread(engine.predict, tasks, config, context)
         return {"results": results}
 
     @app.post("/webhook")

@@ -26,6 +26,7 @@ from typing import Any
 from ovss_label import __version__
 from ovss_label.ontologies import Vocabulary
 
+from ..models.sam import LoadedSam, build_sam
 from ..predict import Output
 from ..proposers import (
     FeatureCache,
@@ -36,6 +37,7 @@ from ..proposers import (
     propose,
 )
 from .events import EventStore
+from .interactive import has_prompt, interactive_prediction
 from .media import MediaFetcher, redact
 from .settings import ServerSettings
 
@@ -82,6 +84,7 @@ class Engine:
         self.cache = FeatureCache(settings.cache_mb << 20)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="ovss")
         self._proposers: dict[str, Proposer] = {}
+        self._sam: LoadedSam | None = None
         self._lock = threading.Lock()
 
     def model_version(self, method: str) -> str:
@@ -99,14 +102,47 @@ class Engine:
                 self._proposers[method] = create_proposer(method, **options)
             return self._proposers[method]
 
-    def predict(self, tasks: list[dict[str, Any]], label_config: str) -> list[dict[str, Any]]:
-        """One prediction per task, in order (module docstring)."""
+    def sam(self) -> LoadedSam:
+        """The SAM for interactive prompts, built once per process."""
+        with self._lock:
+            if self._sam is None:
+                s = self.settings
+                self._sam = build_sam(s.sam_model, tiny=s.tiny or None, device=s.device)
+            return self._sam
+
+    def predict(
+        self, tasks: list[dict[str, Any]], label_config: str, context: Any = None
+    ) -> list[dict[str, Any]]:
+        """One prediction per task, in order (module docstring); with keypoint or rectangle
+        regions in ``context``, SAM answers them instead (``interactive.py``)."""
         try:
             project = parse_project(label_config, self.settings.method)
         except ValueError as exc:
             log.warning("labeling config refused for %d task(s): %s", len(tasks), exc)
             return [self._empty(self.settings.method) for _ in tasks]
+        if has_prompt(context):
+            return [self._interactive(t, project, context) for t in tasks]
         return list(self.executor.map(lambda t: self._predict_one(t, project), tasks))
+
+    def _interactive(self, task: dict[str, Any], project: Project, context: Any) -> dict[str, Any]:
+        task_id = task.get("id")
+        try:
+            url = (task.get("data") or {}).get(project.output.data_key)
+            image = self.media.image(url, task_id if isinstance(task_id, int) else None)
+            fallback = project.vocabulary.names[0]
+            result, score = interactive_prediction(
+                self.sam(), self.cache, image, context, project.output, fallback
+            )
+        except Exception as exc:  # the user's click must not become a 500
+            log.warning(
+                "task %s: no interactive mask: %s: %s", task_id, type(exc).__name__, _safe(exc)
+            )
+            return self._empty(project.method)
+        return {
+            "result": result,
+            "score": round(score, 4),
+            "model_version": self.model_version(project.method),
+        }
 
     def _predict_one(self, task: dict[str, Any], project: Project) -> dict[str, Any]:
         version = self.model_version(project.method)

@@ -70,6 +70,7 @@ class ServerSettings:
 
     Attributes:
         method: Default method for projects whose labeling config names none.
+        sam_model: SAM for interactive prompts and the +sam methods.
         tiny: Tiny random models (plumbing tests).
         device: Torch device.
         data_dir: SQLite event store and (later) checkpoints.
@@ -82,6 +83,7 @@ class ServerSettings:
     """
 
     method: str = "naclip"
+    sam_model: str = "sam_vit_b"
     tiny: bool = False
     device: str = "cpu"
     data_dir: Path = Path("ovss-data")
