@@ -1,0 +1,147 @@
+"""End to end against a real Label Studio 1.23.2 (its own virtual environment, SQLite, localhost).
+
+The harness installs Label Studio into ``.e2e/ls-venv`` (its pins clash with ours; reused when
+present), starts it with a fixed legacy token, starts ``ovss-label serve --tiny`` and drives
+both through the SDK and the HTTP API: create a BrushLabels + PolygonLabels project, upload
+images, connect the backend, "Retrieve predictions" twice, annotate a task. Skip it locally with
+``-m "not e2e"``; CI runs it. About two minutes on a new machine, 40 s after that.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+LS_VERSION = "1.23.2"
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>
+  <PolygonLabels name="outline" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels>
+</View>"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, seconds: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
+def _label_studio_venv() -> Path:
+    venv = Path(os.environ.get("OVSS_E2E_DIR", ROOT / ".e2e")) / "ls-venv"
+    binary = venv / "bin" / "label-studio"
+    if not binary.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "pip"), "install", "-q", f"label-studio=={LS_VERSION}"]
+        subprocess.run(pip, check=True, timeout=900)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """(Label Studio URL, backend URL, backend data dir), both running."""
+    work = tmp_path_factory.mktemp("e2e")
+    ls_port, ml_port = _free_port(), _free_port()
+    ls_env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(work / "ls"),
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_USERNAME": "e2e@example.com",
+        "LABEL_STUDIO_PASSWORD": "e2e-password-1",
+        "LABEL_STUDIO_USER_TOKEN": TOKEN,
+        "ML_BLOCK_LOCAL_IP": "false",  # the backend is on 127.0.0.1
+        "SSRF_PROTECTION_ENABLED": "false",  # so is the webhook Label Studio creates
+        "DJANGO_DB": "sqlite",
+    }
+    ls = subprocess.Popen(
+        [str(_label_studio_venv()), "start", "--no-browser", "--port", str(ls_port)],
+        env=ls_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ls_url = f"http://127.0.0.1:{ls_port}"
+    ml_env = {**os.environ, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
+              "OVSS_OFFLINE": "1"}  # fmt: skip
+    data_dir = work / "ml-data"
+    ml = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--port",
+         str(ml_port), "--host", "127.0.0.1", "--data-dir", str(data_dir)],
+        env=ml_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ml_url = f"http://127.0.0.1:{ml_port}"
+    try:
+        _wait(f"{ml_url}/health", 120, ml)
+        _wait(f"{ls_url}/health", 300, ls)
+        yield ls_url, ml_url, data_dir
+    finally:
+        for process in (ml, ls):
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_label_studio_stores_one_prediction_per_task_and_sends_webhooks(stack):
+    from label_studio_sdk.client import LabelStudio
+
+    ls_url, ml_url, data_dir = stack
+    client = LabelStudio(base_url=ls_url, api_key=TOKEN)
+    project = client.projects.create(title="ovss e2e", label_config=CONFIG)
+    http = httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    files = [(f"file{i}", (f"img{i}.png", _png(i), "image/png")) for i in range(3)]
+    http.post(f"/api/projects/{project.id}/import", files=files).raise_for_status()
+    client.ml.create(project=project.id, url=ml_url, title="ovss-label", is_interactive=True)
+    setup = httpx.post(f"{ml_url}/setup", json={"project": f"{project.id}.0", "schema": CONFIG})
+    version = setup.json()["model_version"]
+    for _ in range(2):  # a second retrieve must not duplicate predictions
+        action = f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}"
+        http.post(action, json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status()
+    tasks = list(client.tasks.list(project=project.id, fields="all"))
+    assert len(tasks) == 3
+    for task in tasks:
+        predictions = http.get("/api/predictions/", params={"task": task.id}).json()
+        assert len(predictions) == 1, predictions
+        assert predictions[0]["model_version"] == version
+        assert predictions[0]["result"], "the tiny model draws something on random images"
+    client.annotations.create(id=tasks[0].id, result=[], was_cancelled=False)
+    events = data_dir / "events.sqlite"
+    for _ in range(30):
+        if events.exists():
+            with sqlite3.connect(events) as db:
+                rows = db.execute("SELECT action FROM events").fetchall()
+            if ("ANNOTATION_CREATED",) in rows:
+                break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the ANNOTATION_CREATED webhook was not recorded")
