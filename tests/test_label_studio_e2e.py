@@ -31,7 +31,9 @@ TOKEN = "0123456789abcdef0123456789abcdef01234567"
 CONFIG = """<View>
   <Image name="image" value="$image"/>
   <BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>
-  <PolygonLabels name="outline" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels>
+  <PolygonLabels name="outline" toName="image">
+    <Label value="cat"/><Label value="dog"/>
+  </PolygonLabels>
 </View>"""
 
 
