@@ -90,7 +90,11 @@ class Output:
         control = brush if brush is not None else polygon
         assert control is not None  # `available` is not empty
         to_name = control.to_name[0]
-        image = next(o for o in interface.objects if o.name == to_name)
+        image = next((o for o in interface.objects if o.name == to_name), None)
+        if image is None or image.tag != "Image":
+            raise ValueError(
+                f"control {control.name!r} does not point at an <Image> (toName={to_name!r})"
+            )
         return cls(
             kind,
             brush.name if brush else BRUSH_TAG,

@@ -262,3 +262,79 @@ def test_smart_keypoints_and_rectangles_give_one_sam_mask(server):
     body["params"]["context"] = box
     region = client.post("/predict", json=body).json()["results"][0]["result"][0]
     assert region["value"]["brushlabels"] == ["Dog"]
+
+
+def _bad_media(request: httpx.Request) -> httpx.Response:
+    path = request.url.path
+    if path == "/truncated.png":
+        return httpx.Response(200, content=_png()[:200])
+    if path == "/text.png":
+        return httpx.Response(200, content=b"<html>not an image</html>")
+    if path == "/tiny.png":
+        return httpx.Response(200, content=_png(1, 1))
+    if path == "/slow.png":
+        raise httpx.ReadTimeout("the server is slow", request=request)
+    if path == "/huge.png":
+        return httpx.Response(200, content=b"x" * 2048, headers={"content-length": str(1 << 40)})
+    if path == "/bomb.png":
+        import io
+
+        buffer = io.BytesIO()
+        Image.new("1", (12_000, 8_000)).save(buffer, format="PNG")  # 96 MP in ~12 kB
+        return httpx.Response(200, content=buffer.getvalue())
+    return httpx.Response(404)
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("/data/local-files/?d=photos/broken.jpg", "cannot read image"),
+        ("http://media.test/truncated.png", "cannot read image"),
+        ("http://media.test/text.png", "cannot read image"),
+        ("http://media.test/bomb.png", "px limit"),
+        ("http://media.test/missing.png", "HTTP 404"),
+        ("http://media.test/slow.png", "timed out"),
+        ("http://media.test/huge.png", "byte limit"),
+        ("ftp://media.test/a.png", "unsupported URL"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_bad_inputs_fail_their_task_with_a_reason(tmp_path, monkeypatch, caplog, url, reason):
+    root = tmp_path / "files"
+    (root / "photos").mkdir(parents=True)
+    (root / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    monkeypatch.setattr(
+        "socket.getaddrinfo", lambda h, *a, **k: [(2, 1, 6, "", ("93.184.216.34", 80))]
+    )
+    policy = MediaPolicy(local_root=root)
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "d", media=policy),
+                    MediaFetcher(policy, httpx.MockTransport(_bad_media)))  # fmt: skip
+    client = TestClient(create_app(engine))
+    caplog.set_level("WARNING")
+    tasks = [_task(1, url), _task(2, "http://media.test/tiny.png")]
+    response = client.post("/predict", json=_predict_body(tasks))
+    assert response.status_code == 200
+    first, second = response.json()["results"]
+    assert first["result"] == [] and first["model_version"] == engine.model_version("naclip")
+    assert reason in caplog.text and "task 1: no prediction" in caplog.text
+    assert "task 2" not in caplog.text  # a 1x1 image is answered, not failed
+    assert LabelInterface(CONFIG).validate_prediction(second)
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        '<View><BrushLabels name="b" toName="image"><Label value="x"/></BrushLabels></View>',
+        '<View><Image name="image" value="$image"/></View>',
+        "<View><Image",  # not XML
+        "",
+    ],
+)
+def test_unusable_label_configs_give_empty_predictions(server, config):
+    client, _ = server
+    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
+    body["label_config"] = config
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200 and response.json()["results"][0]["result"] == []
+    assert client.post("/setup", json={"schema": config}).status_code == 200

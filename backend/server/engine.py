@@ -63,9 +63,15 @@ def parse_project(label_config: str, default_method: str) -> Project:
 
     if not label_config or not label_config.strip():
         raise ValueError("the request has no label_config")
-    output = Output.from_label_config(label_config, None)
+    try:
+        interface = LabelInterface(label_config)
+        output = Output.from_label_config(label_config, None)
+    except ValueError:
+        raise
+    except Exception as exc:  # the SDK raises its own types for XML and schema errors
+        raise ValueError(f"cannot parse the labeling config: {exc}") from exc
     method = default_method
-    for control in LabelInterface(label_config).controls:
+    for control in interface.controls:
         chosen = control.attr.get("ovss_method") if hasattr(control, "attr") else None
         if chosen:
             method = str(chosen)
@@ -129,9 +135,8 @@ class Engine:
         try:
             url = (task.get("data") or {}).get(project.output.data_key)
             image = self.media.image(url, task_id if isinstance(task_id, int) else None)
-            fallback = project.vocabulary.names[0]
             result, score = interactive_prediction(
-                self.sam(), self.cache, image, context, project.output, fallback
+                self.sam(), self.cache, image, context, project.output, project.vocabulary.names
             )
         except Exception as exc:  # the user's click must not become a 500
             log.warning(

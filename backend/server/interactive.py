@@ -81,9 +81,11 @@ def interactive_prediction(
     image: NDArray[Any],
     context: dict[str, Any],
     output: Output,
-    fallback_label: str,
+    labels: tuple[str, ...],
 ) -> tuple[list[dict[str, Any]], float]:
-    """Result items (one mask region) and its score for one interactive request."""
+    """Result items (one mask region) and its score for one interactive request; a label that
+    is not one of ``labels`` becomes the first of them."""
+    fallback_label = labels[0]
     prompt = click_prompt(context, int(image.shape[0]), int(image.shape[1]))
     features = cache.features(SamEncoder(sam), image)
     masks, iou = decode(
@@ -95,6 +97,7 @@ def interactive_prediction(
         multimask=prompt.box is None,  # SAM's advice: one mask for a box, best of 3 for clicks
     )
     score = float(np.clip(iou[0], 0, 1))
-    instance = Instance(masks[0], prompt.label or fallback_label, score)
+    label = prompt.label if prompt.label in labels else fallback_label  # never an unknown label
+    instance = Instance(masks[0], label, score)
     single = replace(output, kind="brush" if output.kind in ("brush", "both") else "polygon")
     return single.results([instance]), score
