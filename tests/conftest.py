@@ -61,3 +61,15 @@ def tiny_clip(tiny_checkpoints):
     from ovss_label.backend.models.clip import build_clip
 
     return build_clip("clip_tiny", checkpoint=tiny_checkpoints["openai"])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests skip without CUDA, so any -m selection (e.g. -m "not e2e") stays safe here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -147,3 +147,26 @@ def test_label_studio_stores_one_prediction_per_task_and_sends_webhooks(stack):
         time.sleep(0.5)
     else:
         pytest.fail("the ANNOTATION_CREATED webhook was not recorded")
+
+
+def test_batch_job_writes_back_once_and_resumes(stack):
+    from click.testing import CliRunner
+    from label_studio_sdk.client import LabelStudio
+
+    from ovss_label.cli import cli
+
+    ls_url, _, _ = stack
+    client = LabelStudio(base_url=ls_url, api_key=TOKEN)
+    project = client.projects.create(title="ovss batch", label_config=CONFIG)
+    http = httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    files = [(f"file{i}", (f"b{i}.png", _png(10 + i), "image/png")) for i in range(2)]
+    http.post(f"/api/projects/{project.id}/import", files=files).raise_for_status()
+    args = ["--tiny", "predict", "--project", str(project.id), "--url", ls_url, "--api-key", TOKEN]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert "2 predicted" in first.output
+    again = CliRunner().invoke(cli, args)  # a rerun (or a resumed run) adds nothing
+    assert again.exit_code == 0 and "0 predicted" in again.output and "2 already" in again.output
+    predictions = http.get("/api/predictions/", params={"project": project.id}).json()
+    assert len(predictions) == 2 and len({p["task"] for p in predictions}) == 2
+    assert all(p["model_version"].startswith("ovss-label-") for p in predictions)

@@ -20,7 +20,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from ovss_label import __version__
@@ -86,12 +86,16 @@ class Engine:
     def __init__(self, settings: ServerSettings, fetcher: MediaFetcher | None = None) -> None:
         self.settings = settings
         self.media = fetcher or MediaFetcher(settings.media)
-        self.events = EventStore(settings.data_dir / "events.sqlite")
         self.cache = FeatureCache(settings.cache_mb << 20)
         self.executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="ovss")
         self._proposers: dict[str, Proposer] = {}
         self._sam: LoadedSam | None = None
         self._lock = threading.Lock()
+
+    @cached_property
+    def events(self) -> EventStore:
+        """The webhook event store, created on first use (batch jobs never need it)."""
+        return EventStore(self.settings.data_dir / "events.sqlite")
 
     def model_version(self, method: str) -> str:
         """What ``/setup`` reports and every prediction of ``method`` carries."""
@@ -128,7 +132,7 @@ class Engine:
             return [self._empty(self.settings.method) for _ in tasks]
         if has_prompt(context):
             return [self._interactive(t, project, context) for t in tasks]
-        return list(self.executor.map(lambda t: self._predict_one(t, project), tasks))
+        return list(self.executor.map(lambda t: self.predict_task(t, project), tasks))
 
     def _interactive(self, task: dict[str, Any], project: Project, context: Any) -> dict[str, Any]:
         task_id = task.get("id")
@@ -149,7 +153,8 @@ class Engine:
             "model_version": self.model_version(project.method),
         }
 
-    def _predict_one(self, task: dict[str, Any], project: Project) -> dict[str, Any]:
+    def predict_task(self, task: dict[str, Any], project: Project) -> dict[str, Any]:
+        """One task's prediction; any failure gives an empty one and a logged reason."""
         version = self.model_version(project.method)
         task_id = task.get("id") if isinstance(task, dict) else None
         try:

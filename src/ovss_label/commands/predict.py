@@ -34,7 +34,7 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
 
 
 @click.command("predict")
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1)
 @click.option("--labels", help='Comma-separated label names, e.g. "cat, dog".')
 @click.option("--ontology", help="A named ontology (ovss-label ontology list), e.g. voc.")
 @click.option(
@@ -44,7 +44,15 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
     help="The project's labeling config XML: labels, synonyms and control names.",
 )
 @click.option("--method", type=click.Choice(METHODS), default="naclip", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Label Studio import file to write (files mode).",
+)
+@click.option("--project", type=int, help="Pre-annotate this Label Studio project instead.")
+@click.option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio URL (with --project).")
+@click.option("--api-key", envvar="LABEL_STUDIO_API_KEY", help="Legacy token or PAT.")
 @click.option(
     "--format", "fmt", type=click.Choice(FORMATS), help="Default: brush (or the config's)."
 )
@@ -93,6 +101,9 @@ def predict(
     config_path,
     method,
     output,
+    project,
+    url,
+    api_key,
     fmt,
     coco,
     overlays,
@@ -109,13 +120,26 @@ def predict(
     tiny,
     fail_on_skip,
 ) -> None:
-    """Pre-annotate images (files, folders, globs) with open-vocabulary masks.
+    """Pre-annotate images (files, folders, globs) or a whole Label Studio project.
 
-    Writes OUTPUT, a Label Studio import file (one task per image, with predictions). With
-    --labels or --ontology it also writes OUTPUT's labeling config (*.label_config.xml) for a
-    project that accepts the predictions. Images are referenced by local-files URLs relative to
-    --document-root.
+    Files: writes OUTPUT, a Label Studio import file (one task per image, with predictions).
+    With --labels or --ontology it also writes OUTPUT's labeling config (*.label_config.xml)
+    for a project that accepts the predictions. Images are referenced by local-files URLs
+    relative to --document-root.
+
+    --project ID: predicts every task of that project (vocabulary from its labeling config)
+    and posts each prediction back through the SDK as it is ready; tasks that already have a
+    prediction of this model version are skipped, so a run resumes after an interruption.
     """
+    if tiny:
+        os.environ["OVSS_TINY"] = "1"
+    if project is not None:
+        from ovss_label.commands.predict_project import run_project
+
+        run_project(project, url, api_key, method=method, tiny=tiny, device=device)
+        return
+    if not paths or output is None:
+        raise click.UsageError("give PATHS and -o OUTPUT, or --project ID")
     from ovss_label.backend.predict import (
         Output,
         collect_images,
@@ -132,8 +156,6 @@ def predict(
         target = Output.from_label_config(config_xml, fmt) if config_xml else Output(fmt or "brush")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    if tiny:
-        os.environ["OVSS_TINY"] = "1"
     # Each file is scored once: no feature or refined-map caches to fill memory with.
     options: dict[str, Any] = {}
     if method.startswith("naclip"):

@@ -1,0 +1,54 @@
+"""``ovss-label predict --project``: pre-annotate a Label Studio project through the SDK."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ovss_label.lsapi import LabelStudioError, make_client
+
+
+def run_project(
+    project: int, url: str | None, api_key: str | None, *, method: str, tiny: bool, device: str
+) -> None:
+    """Predicts the project's tasks with the server's engine and posts the predictions."""
+    from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings
+    from ovss_label.backend.server.batch import predict_project
+
+    if not url:
+        raise click.UsageError("--project needs --url (or LABEL_STUDIO_URL)")
+    try:
+        client = make_client(url, api_key or "")
+    except LabelStudioError as exc:
+        raise click.UsageError(str(exc)) from exc
+    base = MediaPolicy.from_env()
+    media = MediaPolicy(ls_url=url, ls_token=api_key, local_root=base.local_root,
+                        allow_private=base.allow_private, max_bytes=base.max_bytes)  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = ServerSettings(method=method, tiny=tiny, device=device,
+                                  data_dir=Path(scratch), workers=1, media=media)  # fmt: skip
+        engine = Engine(settings)
+        console = Console(stderr=True)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as bar:  # fmt: skip
+            job = bar.add_task(f"project {project}", total=None)
+            try:
+                report = predict_project(
+                    engine, client, project,
+                    on_total=lambda n: bar.update(job, total=n),
+                    advance=lambda: bar.update(job, advance=1),
+                )  # fmt: skip
+            except ValueError as exc:
+                raise click.ClickException(f"project {project}: {exc}") from exc
+            except Exception as exc:  # SDK and HTTP errors: one line, not a traceback
+                raise click.ClickException(
+                    f"project {project}: {type(exc).__name__}: {exc}"
+                ) from exc
+    console.print(
+        f"project {project}: {report.predicted} predicted ({report.empty} empty), "
+        f"{report.skipped} already had model version {engine.model_version(method)}"
+    )
