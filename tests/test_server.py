@@ -338,3 +338,25 @@ def test_unusable_label_configs_give_empty_predictions(server, config):
     response = client.post("/predict", json=body)
     assert response.status_code == 200 and response.json()["results"][0]["result"] == []
     assert client.post("/setup", json={"schema": config}).status_code == 200
+
+
+def test_a_text_prompt_is_an_ad_hoc_query_labelled_with_a_project_label(server):
+    from ovss_label.backend.server.interactive import label_for_text, text_prompt
+    from ovss_label.ontologies import Vocabulary
+
+    client, engine = server
+    vocab = Vocabulary(("Cat", "Dog"), (("cat", "kitten"), ("dog",)))
+    assert label_for_text("KITTEN", vocab, None) == "Cat"  # a synonym, any case
+    assert label_for_text("giraffe", vocab, None) == "Cat"  # no encoder: the first label
+    encoder = engine.proposer("naclip").text
+    assert label_for_text("giraffe", vocab, encoder) in ("Cat", "Dog")  # nearest text embedding
+    context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
+                           "value": {"text": ["a small kitten"]}}]}  # fmt: skip
+    assert text_prompt(context) == "a small kitten"
+    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
+    body["params"]["context"] = context
+    results = client.post("/predict", json=body).json()["results"]
+    assert len(results) == 1 and LabelInterface(CONFIG).validate_prediction(results[0])
+    labels = {r["value"].get("brushlabels", r["value"].get("polygonlabels", [""]))[0]
+              for r in results[0]["result"]}  # fmt: skip
+    assert labels <= {"Cat", "Dog"} and len(labels) <= 1

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from typing import Any
 
@@ -37,7 +37,7 @@ from ..proposers import (
     propose,
 )
 from .events import EventStore
-from .interactive import has_prompt, interactive_prediction
+from .interactive import has_prompt, interactive_prediction, label_for_text, text_prompt
 from .media import MediaFetcher, redact
 from .settings import ServerSettings
 
@@ -132,6 +132,12 @@ class Engine:
             return [self._empty(self.settings.method) for _ in tasks]
         if has_prompt(context):
             return [self._interactive(t, project, context) for t in tasks]
+        text = text_prompt(context)
+        if text:
+            proposer = self.proposer(project.method)
+            label = label_for_text(text, project.vocabulary, getattr(proposer, "text", None))
+            query = Vocabulary((label,), ((text,),), project.vocabulary.templates)
+            project = replace(project, vocabulary=query)
         return list(self.executor.map(lambda t: self.predict_task(t, project), tasks))
 
     def _interactive(self, task: dict[str, Any], project: Project, context: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Interactive prompts: smart KeyPointLabels (positive and negative) and RectangleLabels -> SAM.
+"""Interactive prompts: smart KeyPointLabels (positive and negative) and RectangleLabels -> SAM;
+a TextArea prompt -> an ad-hoc open-vocabulary query with the project's method.
 
 Label Studio posts the user's regions as ``context.result`` (label_studio.md §2.4): keypoints
 ``value.x, value.y`` and rectangles ``value.x, y, width, height`` in percent of
@@ -17,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
+from ovss_label.ontologies import Vocabulary
 
 from ..models.sam import LoadedSam
 from ..predict import Output
@@ -41,6 +43,37 @@ class ClickPrompt:
     point_labels: NDArray[Any] | None
     box: NDArray[Any] | None
     label: str | None
+
+
+def text_prompt(context: Any) -> str | None:
+    """The text of a TextArea region in ``context.result`` (an ad-hoc query), or None."""
+    items = context.get("result") if isinstance(context, dict) else None
+    for region in items if isinstance(items, list) else []:
+        if isinstance(region, dict) and region.get("type") == "textarea":
+            texts = (region.get("value") or {}).get("text") or []
+            text = str(texts[0]).strip() if texts else ""
+            if text:
+                return text
+    return None
+
+
+def label_for_text(text: str, vocabulary: Vocabulary, encoder: Any | None) -> str:
+    """The project label an ad-hoc query's masks get.
+
+    A label or synonym equal to the text (any case) wins; otherwise the label whose text
+    embedding is closest to the query's (the method's own CLIP text encoder), else the first.
+    """
+    lowered = text.lower()
+    for name, synonyms in zip(vocabulary.names, vocabulary.synonyms, strict=True):
+        if lowered == name.lower() or lowered in (s.lower() for s in synonyms):
+            return str(name)
+    if encoder is None:
+        return str(vocabulary.names[0])
+    labels, idx = encoder.query_features(vocabulary)
+    query, _ = encoder.query_features(Vocabulary(("q",), ((text,),), vocabulary.templates))
+    similarity = (labels @ query[0]).tolist()
+    best = max(range(len(idx)), key=lambda i: similarity[i])
+    return str(vocabulary.names[idx[best]])
 
 
 def has_prompt(context: Any) -> bool:
