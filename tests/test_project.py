@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import LABEL_CONFIG, LS_EXPORT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,3 +101,17 @@ def test_lint_and_types(command: list[str]) -> None:
     tool = Path(sys.executable).parent / command[0]
     proc = subprocess.run([str(tool), *command[1:]], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_docker_compose_wires_label_studio_to_the_backend() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
+    ls, backend = compose["services"]["label-studio"], compose["services"]["ovss-label"]
+    assert ls["image"].startswith("heartexlabs/label-studio:1.23")
+    assert ls["environment"]["ML_BLOCK_LOCAL_IP"] == "false"
+    assert ls["environment"]["SSRF_PROTECTION_ENABLED"] == "false"
+    assert backend["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    assert backend["command"][0] == "serve" and "healthcheck" in ls
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert (
+        "/health" in dockerfile and 'CMD ["serve"' in dockerfile and "ARG TORCH_INDEX" in dockerfile
+    )
