@@ -126,7 +126,19 @@ def test_token_goes_only_to_label_studio(server):
     }
     assert engine.media._headers("http://media.test/a.png") == {}
     jwt = MediaFetcher(MediaPolicy(ls_url="http://ls.test", ls_token="a.b.c"))
-    assert jwt._headers("http://ls.test/x") == {"Authorization": "Bearer a.b.c"}
+
+    class RefreshingSDK:  # stands in for the SDK client: it exchanges the PAT for an access token
+        class _client_wrapper:  # noqa: N801
+            @staticmethod
+            def get_headers():
+                return {"Authorization": "Bearer access-123"}
+
+    jwt._sdk = RefreshingSDK()
+    assert jwt._headers("http://ls.test/x") == {"Authorization": "Bearer access-123"}
+    assert jwt._headers("http://media.test/x") == {}
+    # Three dots but not a JWT: the SDK itself falls back to a legacy token.
+    odd = MediaFetcher(MediaPolicy(ls_url="http://ls.test", ls_token="not.a.jwt"))
+    assert odd._headers("http://ls.test/x") == {"Authorization": "Token not.a.jwt"}
 
 
 def test_private_addresses_are_refused_unless_allowed(monkeypatch):

@@ -13,8 +13,9 @@ Every download: http(s) only; each hop's host resolved and refused when it is pr
 loopback, link-local or reserved unless it is the Label Studio host or ``allow_private``;
 redirects followed by hand (each hop checked, at most ``max_redirects``); connect and read
 timeouts; the body streamed with a byte cap. The ``Authorization`` header goes only to the
-Label Studio host (``Token`` for legacy tokens, ``Bearer`` for a JWT). Decoding applies EXIF
-orientation and a pixel cap. Errors are :class:`MediaError` with a message that never
+Label Studio host: ``Token`` for a legacy token; for a personal access token (a JWT refresh
+token) the SDK's client refreshes an access token and builds ``Bearer`` with it. Decoding
+applies EXIF orientation and a pixel cap. Errors are :class:`MediaError` with a message that never
 contains the token or a URL's query string (presigned URLs carry credentials there).
 """
 
@@ -24,6 +25,7 @@ import base64
 import ipaddress
 import logging
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
@@ -58,6 +60,8 @@ class MediaFetcher:
         timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
         self.client = httpx.Client(timeout=timeout, follow_redirects=False, transport=transport)
         self.ls_netloc = urlsplit(policy.ls_url).netloc if policy.ls_url else None
+        self._sdk: Any = None  # built on first use of a personal access token
+        self._sdk_lock = threading.Lock()
         # httpx logs every request URL at INFO; presigned URLs carry credentials in the query.
         for name in ("httpx", "httpx2"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -139,8 +143,27 @@ class MediaFetcher:
         token = self.policy.ls_token
         if not token or urlsplit(url).netloc != self.ls_netloc:
             return {}  # the token never leaves for another host
-        scheme = "Bearer" if token.count(".") == 2 else "Token"  # a JWT has three parts
-        return {"Authorization": f"{scheme} {token}"}
+        if token.count(".") != 2:  # a legacy token; a personal access token is a JWT
+            return {"Authorization": f"Token {token}"}
+        return {"Authorization": self._access_header(token)}
+
+    def _access_header(self, token: str) -> str:
+        """``Bearer <access token>`` for a personal access token (a JWT refresh token).
+
+        The SDK exchanges it at ``/api/token/refresh/`` and caches the access token until it
+        expires, behind a lock (``TokensClientExt``); its client builds the header.
+        """
+        with self._sdk_lock:
+            if self._sdk is None:
+                from ovss_label.lsapi import make_client
+
+                self._sdk = make_client(str(self.policy.ls_url), token)
+            client = self._sdk
+        try:
+            header: str = client._client_wrapper.get_headers()["Authorization"]
+        except Exception as exc:  # an expired or malformed token: say so, without the token
+            raise MediaError(f"Label Studio token refresh failed: {type(exc).__name__}") from exc
+        return header
 
     def _check_host(self, url: str) -> None:
         parts = urlsplit(url)
