@@ -274,6 +274,13 @@ def test_smart_keypoints_and_rectangles_give_one_sam_mask(server):
     body["params"]["context"] = box
     region = client.post("/predict", json=body).json()["results"][0]["result"][0]
     assert region["value"]["brushlabels"] == ["Dog"]
+    unknown = {
+        "result": [_click("keypointlabels", {"x": 50, "y": 50, "keypointlabels": ["Giraffe"]})]
+    }
+    body["params"]["context"] = unknown
+    answer = client.post("/predict", json=body).json()["results"][0]
+    assert answer["result"][0]["value"]["brushlabels"] == ["Cat"]  # never an unknown label
+    assert LabelInterface(INTERACTIVE).validate_prediction(answer)
 
 
 def _bad_media(request: httpx.Request) -> httpx.Response:
