@@ -134,11 +134,19 @@ class Engine:
             return [self._interactive(t, project, context) for t in tasks]
         text = text_prompt(context)
         if text:
-            proposer = self.proposer(project.method)
-            label = label_for_text(text, project.vocabulary, getattr(proposer, "text", None))
-            query = Vocabulary((label,), ((text,),), project.vocabulary.templates)
-            project = replace(project, vocabulary=query)
+            try:
+                project = self._text_query(project, text)
+            except Exception as exc:  # e.g. missing weights: a logged reason, not a 500
+                log.warning("text prompt: %s: %s", type(exc).__name__, _safe(exc))
+                return [self._empty(project.method) for _ in tasks]
         return list(self.executor.map(lambda t: self.predict_task(t, project), tasks))
+
+    def _text_query(self, project: Project, text: str) -> Project:
+        """The project with a one-query vocabulary: ``text``, named by the nearest label."""
+        proposer = self.proposer(project.method)
+        label = label_for_text(text, project.vocabulary, getattr(proposer, "text", None))
+        query = Vocabulary((label,), ((text,),), project.vocabulary.templates)
+        return replace(project, vocabulary=query)
 
     def _interactive(self, task: dict[str, Any], project: Project, context: Any) -> dict[str, Any]:
         task_id = task.get("id")
