@@ -105,7 +105,7 @@ def create_app(engine: Engine) -> FastAPI:
 
 
 def _methods(engine: Engine) -> list[str]:
-    from .engine import METHODS
+    from ovss_label.methods import METHODS
 
     return [engine.settings.method, *(m for m in METHODS if m != engine.settings.method)]
 

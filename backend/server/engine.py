@@ -24,6 +24,7 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 from ovss_label import __version__
+from ovss_label.methods import METHODS
 from ovss_label.ontologies import Vocabulary
 
 from ..models.sam import LoadedSam, build_sam
@@ -43,8 +44,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-METHODS = ("naclip", "naclip+sam", "clip_sam")
-_SAM_METHODS = ("naclip+sam", "clip_sam")
+_SAM_METHODS = tuple(m for m in METHODS if "sam" in m)
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ovss_label.converters import CocoWriter, write_json_atomic
+from ovss_label.methods import METHODS, SAM_MODELS
 from ovss_label.ontologies import Vocabulary, label_config, load
 
-METHODS = ("naclip", "naclip+sam", "clip_sam")
-SAM_MODELS = ("sam_vit_b", "sam_vit_l", "sam_vit_h")
 FORMATS = ("brush", "polygon", "both")
 
 

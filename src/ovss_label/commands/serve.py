@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-METHODS = ("naclip", "naclip+sam", "clip_sam")
+from ovss_label.methods import METHODS
 
 
 @click.command("serve")
