@@ -1,0 +1,120 @@
+"""BLIP image-text matching (ITM) large, through ``transformers``, and its cross-attention GradCAM.
+
+PnP-OVSS (algorithms.md §2.1, §2.4, §4.2) needs what ``BlipForImageTextRetrieval.forward``
+does not return: the text encoder's cross-attention probabilities of one layer and the gradient
+of the ITM *match* logit with respect to them. :func:`itm_gradcam` calls the components
+directly (vision model with position-embedding interpolation, text encoder with
+``output_attentions=True`` and eager attention, ITM head) and takes the gradient with
+``torch.autograd.grad`` on the returned probabilities, which equals LAVIS's
+``register_hook`` + ``backward`` (letitiabanana/PnP-OVSS @e439962
+``blip_image_text_matching.py`` ``compute_gradcam_ensemble``; tested).
+
+``[ENC]``: LAVIS replaces the first token of the caption by ``[ENC]`` (id 30523 in BLIP's
+tokenizer, ``lavis/models/blip_models/blip.py`` ``init_tokenizer``); HF passes ``[CLS]``
+through. :func:`encode_caption` applies LAVIS's convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+BLIP_HUB_IDS: dict[str, str] = {
+    "blip_itm_large_flickr": "Salesforce/blip-itm-large-flickr",
+    "blip_itm_large_coco": "Salesforce/blip-itm-large-coco",
+}
+"""Weight-table name -> Hugging Face hub id (safetensors; PnP-OVSS "BLIP_Flickr"/"BLIP_COCO")."""
+
+ENC_TOKEN = "[ENC]"
+
+
+def tiny_blip_config(vocab_size: int, pad: int = 0, sep: int = 3, bos: int | None = None) -> Any:
+    """A BLIP ITM config at toy size with the layer/head PnP-OVSS reads (layer 7, head 9).
+
+    Text: 8 layers of 12 heads (4 wide); vision: 1 layer, 32 px input, 16 px patches. The
+    special-token ids must lie in the (tiny) vocabulary, or transformers warns.
+    """
+    from transformers import BlipConfig
+
+    text = {"vocab_size": vocab_size, "hidden_size": 48, "num_hidden_layers": 8,
+            "num_attention_heads": 12, "intermediate_size": 64, "encoder_hidden_size": 32,
+            "pad_token_id": pad, "sep_token_id": sep,
+            "bos_token_id": vocab_size - 2 if bos is None else bos}  # fmt: skip
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "image_size": 32, "patch_size": 16}  # fmt: skip
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+
+
+def build_tiny_blip(vocab_size: int, seed: int = 0, **token_ids: int) -> Any:
+    """A random tiny ``BlipForImageTextRetrieval`` built by transformers' own class."""
+    from transformers import BlipForImageTextRetrieval
+
+    config = tiny_blip_config(vocab_size, **token_ids)
+    config._attn_implementation = "eager"  # attention probabilities are returned, not fused
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model: Any = BlipForImageTextRetrieval(config)
+    model.eval()
+    return model
+
+
+def encode_caption(tokenizer: Any, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, T) input ids with the first token replaced by ``[ENC]`` (LAVIS), and the mask."""
+    batch = tokenizer([caption], return_tensors="pt", padding="longest")
+    ids = batch["input_ids"].clone()
+    ids[:, 0] = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
+    return ids, batch["attention_mask"]
+
+
+@dataclass(frozen=True)
+class GradCam:
+    """ITM GradCAM of one cross-attention layer.
+
+    Attributes:
+        match_logit: (B,) the ITM head's match logit (index 1).
+        maps: (B, heads, T, P, P) float32 ``A · clamp(∂s/∂A, 0)`` over image patches (the image
+            CLS column dropped), padded rows zeroed, negatives clamped to 0.
+    """
+
+    match_logit: torch.Tensor
+    maps: torch.Tensor
+
+
+def itm_gradcam(
+    model: Any,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+) -> GradCam:
+    """Cross-attention GradCAM of ``layer`` for captions against images (module docstring).
+
+    Args:
+        model: ``BlipForImageTextRetrieval`` with eager attention.
+        pixel_values: (B, 3, S, S) normalised images; S/16 patches per side.
+        input_ids: (B, T) caption ids, ``[ENC]`` first.
+        attention_mask: (B, T) 1 for real tokens.
+        layer: Text-encoder layer index (0-based; PnP-OVSS uses 7).
+    """
+    with torch.enable_grad():
+        pixel_values = pixel_values.detach().requires_grad_(True)  # frozen weights still get A.grad
+        image = model.vision_model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+        image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
+        out = model.text_encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=image_mask,
+            output_attentions=True,
+            return_dict=True,
+        )
+        logits = model.itm_head(out.last_hidden_state[:, 0])
+        probs = out.cross_attentions[layer]  # (B, heads, T, 1 + P²)
+        (grad,) = torch.autograd.grad(logits[:, 1].sum(), probs)
+    side = round((probs.shape[-1] - 1) ** 0.5)
+    cam = probs[..., 1:].detach() * grad[..., 1:].clamp(min=0)
+    cam = cam * attention_mask[:, None, :, None].to(cam.dtype)
+    maps = cam.reshape(*cam.shape[:3], side, side).clamp(min=0)
+    return GradCam(logits[:, 1].detach(), maps)

@@ -1,0 +1,147 @@
+"""PnP-OVSS pieces: ITM GradCAM on a tiny BLIP, word pieces, Salience DropOut, thresholds, blur."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from ovss_label.backend.models.blip import build_tiny_blip, encode_caption, itm_gradcam
+from ovss_label.backend.proposers import pnp
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "picture", "of", "cat", "dog",
+         "potted", "##plant", "tv", "##monitor", "chest", "##of", "##drawers",
+         "[DEC]", "[ENC]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import BertTokenizer
+
+    vocab = tmp_path_factory.mktemp("bert") / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    return BertTokenizer(
+        str(vocab), do_lower_case=True, additional_special_tokens=["[DEC]", "[ENC]"]
+    )
+
+
+@pytest.fixture(scope="module")
+def blip():
+    return build_tiny_blip(len(VOCAB))
+
+
+CAPTION = "A picture of pottedplant tvmonitor chestofdrawers cat"
+
+
+def test_caption_starts_with_enc_and_splits_into_word_pieces(tokenizer):
+    ids, mask = encode_caption(tokenizer, CAPTION)
+    tokens = tokenizer.convert_ids_to_tokens(ids[0])
+    assert tokens[0] == "[ENC]" and tokens[-1] == "[SEP]" and mask.sum() == len(tokens)
+    assert tokens[4:11] == ["potted", "##plant", "tv", "##monitor", "chest", "##of", "##drawers"]
+
+
+def test_gradcam_from_autograd_equals_hook_and_backward(blip, tokenizer):
+    ids, mask = encode_caption(tokenizer, CAPTION)
+    pixels = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    ours = itm_gradcam(blip, pixels, ids, mask, layer=7)
+    # LAVIS style: keep the attention probabilities of layer 7 and their gradient from a hook.
+    saved = {}
+
+    def keep(module, args, output):
+        probs = output[1]
+        saved["probs"] = probs
+        probs.register_hook(lambda grad: saved.__setitem__("grad", grad))
+
+    handle = blip.text_encoder.encoder.layer[7].crossattention.self.register_forward_hook(keep)
+    try:
+        image = blip.vision_model(
+            pixels.requires_grad_(True), interpolate_pos_encoding=True
+        ).last_hidden_state
+        ones = torch.ones(image.shape[:2], dtype=torch.long)
+        out = blip.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
+                                encoder_attention_mask=ones, output_attentions=True,
+                                return_dict=True)  # fmt: skip
+        logit = blip.itm_head(out.last_hidden_state[:, 0])[:, 1]
+        logit.sum().backward()
+    finally:
+        handle.remove()
+    cam = (saved["probs"][..., 1:] * saved["grad"][..., 1:].clamp(min=0)).detach()
+    cam = cam.reshape(1, 12, ids.shape[1], 3, 3).clamp(min=0)
+    assert ours.maps.shape == (1, 12, ids.shape[1], 3, 3)  # 48 px input: 3 x 3 patches
+    torch.testing.assert_close(ours.maps, cam)
+    torch.testing.assert_close(ours.match_logit, logit.detach())
+
+
+def test_word_pieces_merge_into_class_maps(tokenizer):
+    ids, _ = encode_caption(tokenizer, CAPTION)
+    tokens = tokenizer.convert_ids_to_tokens(ids[0])[1:]  # [ENC] dropped, as the reference
+    maps = torch.arange(len(tokens), dtype=torch.float32)[:, None, None].expand(-1, 2, 2)
+    classes = pnp.class_token_maps(tokens, maps)
+    # rows: a=0 picture=1 of=2 potted=3 ##plant=4 tv=5 ##monitor=6 chest=7 ##of=8 ##drawers=9 cat=10
+    assert classes[:, 0, 0].tolist() == [3.5, 5.5, 8.0, 10.0]
+    last_two_pieces = [*tokens[:-1], "##x", "[SEP]"]  # the last class is cat + ##x (rows 10, 11)
+    rows = torch.arange(len(last_two_pieces), dtype=torch.float32)[:, None, None].expand(-1, 2, 2)
+    quirk = pnp.class_token_maps(last_two_pieces, rows, last_class_sum=True)
+    fixed = pnp.class_token_maps(last_two_pieces, rows)
+    assert quirk[-1, 0, 0] == 10 + 11 and fixed[-1, 0, 0] == 10.5
+    assert torch.equal(quirk[:-1], fixed[:-1])  # only the last class differs
+
+
+def test_salience_dropout_bookkeeping_both_rules():
+    u = np.arange(25, dtype=float).reshape(5, 5)  # patch p has salience p
+    first = pnp.drop_step(u, [], "topk", k=10)
+    assert sorted(first) == list(range(15, 25))
+    second = pnp.drop_step(u, first, "topk", k=10)  # dropped ones count as 0
+    assert sorted(second) == list(range(5, 25))
+    median = pnp.drop_step(u, [], "median")
+    assert sorted(median) == list(range(12, 25))  # U >= median(0..24) = 12
+    again = pnp.drop_step(u, median, "median")
+    assert sorted(again) == list(range(6, 25))  # remaining 0..11: median 5.5
+    with pytest.raises(ValueError, match="rule must be"):
+        pnp.drop_step(u, [], "half")
+
+
+def test_dropped_patches_are_zeroed_in_input_and_later_maps():
+    pixels = torch.ones(1, 3, 48, 48)
+    zeroed = pnp.zero_patches(pixels, [4, 2], grid=3)  # (1, 1) and (0, 2)
+    assert (
+        zeroed[0, :, 16:32, 16:32].abs().sum() == 0 and zeroed[0, :, 0:16, 32:48].abs().sum() == 0
+    )
+    assert zeroed.sum() == 3 * (48 * 48 - 2 * 256) and pixels.sum() == 3 * 48 * 48
+    maps = torch.ones(2, 3, 3)
+    masked = pnp.mask_dropped(maps, [4, 2])
+    assert masked[:, 1, 1].sum() == 0 and masked[:, 0, 2].sum() == 0 and masked.sum() == 14
+
+
+def test_rounds_aggregate_with_the_first_counted_twice():
+    rounds = [torch.full((2, 2), v) for v in (1.0, 10.0, 100.0)]
+    assert pnp.aggregate(rounds)[0, 0] == 1 + 1 + 10 + 100
+    assert pnp.aggregate(rounds, first_twice=False)[0, 0] == 111
+
+
+def test_thresholds_keep_raw_values_per_class():
+    maps = torch.tensor([[[0.0, 1.0], [2.0, 10.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    kept = pnp.threshold_maps(maps, threshold=0.15)  # class 0: keep >= 1.5
+    assert kept[0].tolist() == [[0.0, 0.0], [2.0, 10.0]]
+    assert kept[1].tolist() == [[0.0, 0.0], [0.0, 0.0]]  # constant: normalises to 0, no NaN
+
+
+def test_background_channel_rule():
+    maps = np.zeros((2, 2, 2))
+    maps[0, 0, 0] = 1
+    with_bg, added = pnp.with_background(maps, always=True)
+    assert added and with_bg[0].tolist() == [[0, 1], [1, 1]]
+    five = np.zeros((5, 2, 2))
+    assert pnp.with_background(five, always=False)[1] is False  # 5 classes: no background
+    assert pnp.with_background(maps, always=False)[1] is True  # fewer than 3 classes
+
+
+def test_blur_equals_scipy_with_the_papers_sigma():
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 30, 40))
+    maps[1] = 0  # an all-zero channel: 0, not NaN
+    out = pnp.blur_maps(maps, 0.05)
+    direct = gaussian_filter(maps[0], sigma=0.05 * 40)
+    np.testing.assert_allclose(out[0], (direct - direct.min()) / (direct.max() - direct.min()))
+    assert np.all(out[1] == 0)
