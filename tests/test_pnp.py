@@ -145,3 +145,61 @@ def test_blur_equals_scipy_with_the_papers_sigma():
     direct = gaussian_filter(maps[0], sigma=0.05 * 40)
     np.testing.assert_allclose(out[0], (direct - direct.min()) / (direct.max() - direct.min()))
     assert np.all(out[1] == 0)
+
+
+def test_lavis_conventions_on_a_loaded_model(tmp_path):
+    from transformers import BertTokenizer
+
+    from ovss_label.backend.models.blip_loader import LAVIS_VISION_LN_EPS, _lavis_conventions
+
+    model = build_tiny_blip(len(VOCAB))
+    assert model.config.vision_config.layer_norm_eps == 1e-5  # HF's default
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB[:-1]) + "\n")  # no [ENC] in it
+    plain = BertTokenizer(str(tmp_path / "vocab.txt"))
+    _lavis_conventions(model, plain, lavis_ln_eps=True)
+    norms = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == LAVIS_VISION_LN_EPS for m in norms)
+    assert plain.convert_tokens_to_ids("[ENC]") == VOCAB.index("[ENC]")
+
+
+def test_pnp_proposer_contract_and_blur_only_fallback(monkeypatch, caplog):
+    from ovss_label.backend.proposers import create_proposer, pnp_ovss
+    from ovss_label.ontologies import Vocabulary
+
+    proposer = create_proposer("pnp_ovss", tiny=True, image_size=64, crf=True)
+    image = np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    vocab = Vocabulary.from_labels("cat, potted plant, tv")
+    features = proposer.encode(image)
+    assert features.tensors["pixels"].shape == (1, 3, 64, 64)
+
+    def no_crf(*args, **kwargs):
+        raise ImportError("pydensecrf")
+
+    monkeypatch.setattr(pnp_ovss, "dense_crf", no_crf)
+    monkeypatch.setattr(pnp_ovss, "_CRF_WARNED", [])
+    caplog.set_level("WARNING")
+    proposal = proposer.score(features, vocab)
+    assert "pydensecrf2 is not installed" in caplog.text
+    assert proposal.scores.shape == (3, 40, 70) and proposal.scores.dtype == np.float32
+    assert proposal.scores.min() >= 0 and proposal.scores.max() <= 1
+    assert proposal.assignment.shape == (40, 70) and proposal.assignment.min() >= -1
+    again = proposer.score(features, vocab)
+    np.testing.assert_array_equal(proposal.scores, again.scores)
+
+
+def test_dense_crf_uses_cutlers_constants():
+    densecrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_softmax
+
+    from ovss_label.backend.proposers.pnp_ovss import dense_crf
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    channels = rng.random((3, 20, 30))
+    probs = torch.softmax(torch.from_numpy(channels).float(), dim=0).numpy()
+    crf = densecrf.DenseCRF2D(30, 20, 3)
+    crf.setUnaryEnergy(unary_from_softmax(probs))
+    crf.addPairwiseGaussian(sxy=3, compat=7)
+    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=image, compat=10)
+    expected = np.array(crf.inference(10)).reshape(3, 20, 30).argmax(axis=0)
+    np.testing.assert_array_equal(dense_crf(image, channels), expected)

@@ -202,3 +202,22 @@ def test_no_pamr_option_reaches_the_proposer(photos, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen["pamr_steps"] == 0 and seen["map_cache_mb"] == 0
     assert "pamr0" in json.loads(out.read_text())[0]["predictions"][0]["model_version"]
+
+
+def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path):
+    out = tmp_path / "tasks.json"
+    args = [str(photos / "chelsea.png"), str(photos / "broken.jpg"), "--labels", "cat, cup",
+            "--method", "pnp_ovss", "-o", str(out), "--coco", str(tmp_path / "coco.json"),
+            "--overlays", str(tmp_path / "png")]  # fmt: skip
+    result = _predict(args)
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(out.read_text())
+    assert len(tasks) == 1 and "broken.jpg" in result.output
+    prediction = tasks[0]["predictions"][0]
+    assert prediction["model_version"].startswith("pnp_ovss-blip_tiny")
+    config = (tmp_path / "tasks.label_config.xml").read_text()
+    assert LabelInterface(config).validate_prediction(prediction)
+    assert (
+        COCO(str(tmp_path / "coco.json")).getImgIds()
+        and (tmp_path / "png" / "chelsea.png").is_file()
+    )

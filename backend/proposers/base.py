@@ -118,7 +118,7 @@ def register_proposer(name: str) -> Callable[[ProposerFactory], ProposerFactory]
 
 def available_proposers() -> list[str]:
     """Registered method names."""
-    from . import clip_sam, naclip, refine  # noqa: F401  (register on import)
+    from . import clip_sam, naclip, pnp_ovss, refine  # noqa: F401  (register on import)
 
     return sorted(_REGISTRY)
 

@@ -3,5 +3,5 @@
 ``tests/test_proposers.py`` checks this list against the registry of ``backend.proposers``.
 """
 
-METHODS = ("naclip", "naclip+sam", "clip_sam")
+METHODS = ("naclip", "naclip+sam", "clip_sam", "pnp_ovss")
 SAM_MODELS = ("sam_vit_b", "sam_vit_l", "sam_vit_h")

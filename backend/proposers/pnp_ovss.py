@@ -1,0 +1,194 @@
+"""``pnp_ovss``: BLIP cross-attention sharpened by ITM GradCAM, Salience DropOut, blur, dense CRF.
+
+Luo et al., CVPR 2024; follows letitiabanana/PnP-OVSS @e439962 (the updated code,
+algorithms.md §2.0) with the pure pieces in ``pnp.py`` and the model in ``models/blip.py``:
+
+encode (image only): square resize to ``image_size`` (bicubic, aspect not kept, as
+  ``Dataset.py``), CLIP mean/std normalisation; the original RGB kept for the CRF.
+score (words): caption "A picture of" + class names (spaces removed); ``rounds`` times: zero
+  the dropped patches in the input, GradCAM of layer ``layer`` head ``head``, dropped patches
+  zeroed in the map, drop the next patches (``drop_rule``); aggregate (first round twice);
+  word pieces -> class maps; per-class min-max threshold; bilinear (align_corners) to the
+  original size; background channel; Gaussian blur (σ = ``blur_sigma`` x max side); dense CRF
+  with CutLER's constants when ``pydensecrf2`` is installed (``pip install
+  'ovss-label[crf]'``), else one warning and the blurred maps' argmax.
+
+Class presence: the reference asks GPT-4o which classes each image shows; a self-hosted backend
+cannot, so every label goes into the caption (the CVPR paper's setting). Expected cost: absent
+classes still receive some attention mass and can take pixels from present ones; a CLIP
+image-level filter is the planned option (not implemented yet).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+from PIL import Image
+
+from ovss_label import __version__
+from ovss_label.ontologies import Vocabulary
+
+from ..models.blip import encode_caption, itm_gradcam
+from ..models.blip_loader import LoadedBlip, load_blip
+from ..models.weights import OPENAI_MEAN, OPENAI_STD
+from . import pnp
+from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+
+log = logging.getLogger(__name__)
+_CRF_WARNED: list[bool] = []
+
+
+@dataclass(frozen=True)
+class PnpConfig:
+    """PnP-OVSS settings; defaults are the reference README run and the paper's Table 2.
+
+    Attributes:
+        image_size: BLIP input side (``--img_size 336``).
+        layer: Cross-attention layer, 0-based (paper: layer 8).
+        head: Head, 0-based (paper: head 10).
+        rounds: Salience DropOut rounds (``--drop_iter 4``).
+        drop_rule: ``"topk"`` (code: 10 patches per round) or ``"median"`` (CVPR paper).
+        drop_k: Patches per round for ``topk``.
+        first_twice: Count the first round twice when aggregating (reference behaviour).
+        threshold: Per-class min-max threshold (0.15).
+        blur_sigma: Blur σ as a fraction of the image's longer side (0.05).
+        always_background: Add the background channel always (VOC/COCO-Object; the default for
+            labelling projects) rather than only with fewer than 3 classes (stuff datasets).
+        last_class_sum: Reproduce the reference's last-class quirk (off: a bug).
+        crf: Use the dense CRF when ``pydensecrf2`` is installed.
+    """
+
+    image_size: int = 336
+    layer: int = 7
+    head: int = 9
+    rounds: int = 4
+    drop_rule: str = "topk"
+    drop_k: int = 10
+    first_twice: bool = True
+    threshold: float = 0.15
+    blur_sigma: float = 0.05
+    always_background: bool = True
+    last_class_sum: bool = False
+    crf: bool = True
+
+
+class PnpOvssProposer(Proposer):
+    """PnP-OVSS (module docstring). Thread-safe: every call builds its own graph."""
+
+    name = "pnp_ovss"
+
+    def __init__(self, blip: LoadedBlip, config: PnpConfig) -> None:
+        self.blip, self.config = blip, config
+
+    @property
+    def model_version(self) -> str:
+        c = self.config
+        return (
+            f"pnp_ovss-{self.blip.name}-L{c.layer}H{c.head}-{c.drop_rule}{c.rounds}-v{__version__}"
+        )
+
+    def encode(self, image: NDArray[Any]) -> Features:
+        """Features: ``pixels`` (1, 3, S, S) normalised; ``image`` (H, W, 3) uint8 for the CRF."""
+        s = self.config.image_size
+        square = Image.fromarray(image).resize((s, s), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.array(square)).permute(2, 0, 1).float()[None] / 255
+        mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+        tensors = {"pixels": (x - mean) / std, "image": torch.from_numpy(np.array(image))}
+        return Features((int(image.shape[0]), int(image.shape[1])), tensors)
+
+    def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
+        """Blurred class maps as ``scores`` and the CRF (or argmax) decision."""
+        names = [n.replace(" ", "") for n in vocabulary.names]
+        ids, mask = encode_caption(self.blip.tokenizer, "A picture of " + " ".join(names))
+        tokens = self.blip.tokenizer.convert_ids_to_tokens(ids[0])[1:]  # [ENC] row dropped
+        merged = self._dropout_rounds(features.tensors["pixels"], ids, mask)
+        classes = pnp.class_token_maps(tokens, merged, self.config.last_class_sum)
+        if classes.shape[0] != len(names):
+            raise ValueError(f"caption gave {classes.shape[0]} words for {len(names)} classes")
+        kept = pnp.threshold_maps(classes, self.config.threshold)
+        full = F.interpolate(
+            kept[None], size=features.image_hw, mode="bilinear", align_corners=True
+        )
+        channels, has_bg = pnp.with_background(full[0].numpy(), self.config.always_background)
+        blurred = pnp.blur_maps(channels, self.config.blur_sigma)
+        labels = self._decide(features.tensors["image"].numpy(), blurred)
+        assignment = (labels - 1 if has_bg else labels).astype(np.int16)
+        scores = blurred[1:] if has_bg else blurred
+        for k, name in enumerate(vocabulary.names):
+            if name.lower() == BACKGROUND:
+                assignment[assignment == k] = -1
+        return Proposal(vocabulary.names, scores.astype(np.float32), assignment)
+
+    def _dropout_rounds(
+        self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(T-1, P, P): the aggregated GradCAM of every caption token (``[ENC]`` excluded)."""
+        c, grid = self.config, self.config.image_size // 16
+        device = next(self.blip.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
+        dropped: list[int] = []
+        rounds = []
+        for _ in range(c.rounds):
+            inputs = pnp.zero_patches(pixels, dropped, grid).to(device)
+            cam = itm_gradcam(self.blip.model, inputs, ids, mask, c.layer)
+            maps = cam.maps[0, c.head, 1:].cpu()  # rows: caption tokens after [ENC]
+            rounds.append(pnp.mask_dropped(maps, dropped))
+            salience = maps[3:-1].sum(dim=0).numpy()  # class word pieces only
+            dropped = pnp.drop_step(salience, dropped, c.drop_rule, c.drop_k)
+        return pnp.aggregate(rounds, c.first_twice)
+
+    def _decide(self, image: NDArray[Any], channels: NDArray[Any]) -> NDArray[Any]:
+        if self.config.crf:
+            try:
+                return dense_crf(image, channels)
+            except ImportError:
+                if not _CRF_WARNED:
+                    _CRF_WARNED.append(True)
+                    log.warning("pydensecrf2 is not installed: PnP-OVSS runs blur-only "
+                                "(pip install 'ovss-label[crf]')")  # fmt: skip
+        decided: NDArray[Any] = channels.argmax(axis=0)
+        return decided
+
+
+def dense_crf(image: NDArray[Any], channels: NDArray[Any], iterations: int = 10) -> NDArray[Any]:
+    """Dense CRF labels with CutLER's constants (``maskcut/crf.py``), as the reference.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        channels: (C, H, W) maps in [0, 1]; their softmax over C gives the unaries.
+
+    Raises:
+        ImportError: ``pydensecrf2`` is not installed.
+    """
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    c, h, w = channels.shape
+    probs = torch.softmax(torch.from_numpy(channels).float(), dim=0).numpy()
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(unary_from_softmax(probs))
+    crf.addPairwiseGaussian(sxy=3, compat=7)
+    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.ascontiguousarray(image), compat=10)
+    q = np.array(crf.inference(iterations)).reshape(c, h, w)
+    labels: NDArray[Any] = q.argmax(axis=0)
+    return labels
+
+
+@register_proposer("pnp_ovss")
+def create_pnp_ovss(
+    *,
+    tiny: bool | None = None,
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    model: str = "blip_itm_large_flickr",
+    **options: Any,
+) -> PnpOvssProposer:
+    """Builds PnP-OVSS; ``checkpoint`` is a BLIP folder; ``options`` are :class:`PnpConfig`."""
+    config = PnpConfig(**options)
+    return PnpOvssProposer(load_blip(model, path=checkpoint, tiny=tiny, device=device), config)
