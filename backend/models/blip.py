@@ -113,8 +113,44 @@ def itm_gradcam(
         logits = model.itm_head(out.last_hidden_state[:, 0])
         probs = out.cross_attentions[layer]  # (B, heads, T, 1 + P²)
         (grad,) = torch.autograd.grad(logits[:, 1].sum(), probs)
+    return GradCam(logits[:, 1].detach(), _cam(probs.detach(), grad, attention_mask))
+
+
+def itm_gradcam_layers(
+    model: Any,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: list[int],
+) -> dict[int, torch.Tensor]:
+    """:func:`itm_gradcam` maps of several layers from one forward and one backward pass.
+
+    Returns:
+        Layer index -> (B, heads, T, P, P) maps.
+    """
+    with torch.enable_grad():
+        pixel_values = pixel_values.detach().requires_grad_(True)
+        image = model.vision_model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
+        image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
+        out = model.text_encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image,
+            encoder_attention_mask=image_mask,
+            output_attentions=True,
+            return_dict=True,
+        )
+        logits = model.itm_head(out.last_hidden_state[:, 0])
+        probs = [out.cross_attentions[layer] for layer in layers]
+        grads = torch.autograd.grad(logits[:, 1].sum(), probs)
+    return {
+        layer: _cam(p.detach(), g, attention_mask)
+        for layer, p, g in zip(layers, probs, grads, strict=True)
+    }
+
+
+def _cam(probs: torch.Tensor, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     side = round((probs.shape[-1] - 1) ** 0.5)
-    cam = probs[..., 1:].detach() * grad[..., 1:].clamp(min=0)
+    cam = probs[..., 1:] * grad[..., 1:].clamp(min=0)
     cam = cam * attention_mask[:, None, :, None].to(cam.dtype)
-    maps = cam.reshape(*cam.shape[:3], side, side).clamp(min=0)
-    return GradCam(logits[:, 1].detach(), maps)
+    return cam.reshape(*cam.shape[:3], side, side).clamp(min=0)

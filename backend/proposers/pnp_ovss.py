@@ -21,8 +21,11 @@ image-level filter is the planned option (not implemented yet).
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,11 +98,8 @@ class PnpOvssProposer(Proposer):
 
     def encode(self, image: NDArray[Any]) -> Features:
         """Features: ``pixels`` (1, 3, S, S) normalised; ``image`` (H, W, 3) uint8 for the CRF."""
-        s = self.config.image_size
-        square = Image.fromarray(image).resize((s, s), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.array(square)).permute(2, 0, 1).float()[None] / 255
-        mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
-        tensors = {"pixels": (x - mean) / std, "image": torch.from_numpy(np.array(image))}
+        pixels = square_pixels(image, self.config.image_size)
+        tensors = {"pixels": pixels, "image": torch.from_numpy(np.array(image))}
         return Features((int(image.shape[0]), int(image.shape[1])), tensors)
 
     def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
@@ -156,6 +156,15 @@ class PnpOvssProposer(Proposer):
         return decided
 
 
+def square_pixels(image: NDArray[Any], size: int) -> torch.Tensor:
+    """(1, 3, size, size) CLIP-normalised: a bicubic square resize (``Dataset.py``: the aspect
+    ratio is not kept; outputs are resized back to the original size)."""
+    square = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.array(square)).permute(2, 0, 1).float()[None] / 255
+    mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def dense_crf(image: NDArray[Any], channels: NDArray[Any], iterations: int = 10) -> NDArray[Any]:
     """Dense CRF labels with CutLER's constants (``maskcut/crf.py``), as the reference.
 
@@ -180,6 +189,17 @@ def dense_crf(image: NDArray[Any], channels: NDArray[Any], iterations: int = 10)
     return labels
 
 
+def load_tuned(name: str) -> dict[str, Any]:
+    """The tuned settings saved by ``ovss-label tune`` under ``name`` (or a JSON file path)."""
+    from ..tune import tuned_path
+
+    path = Path(name) if name.endswith(".json") else tuned_path(name)
+    if not path.is_file():
+        raise ValueError(f"no tuned PnP-OVSS configuration {name!r} at {path}; run ovss-label tune")
+    record = json.loads(path.read_text())
+    return {k: record[k] for k in ("layer", "head", "threshold", "blur_sigma")}
+
+
 @register_proposer("pnp_ovss")
 def create_pnp_ovss(
     *,
@@ -187,8 +207,14 @@ def create_pnp_ovss(
     checkpoint: str | None = None,
     device: str = "cpu",
     model: str = "blip_itm_large_flickr",
+    tuned: str | None = None,
     **options: Any,
 ) -> PnpOvssProposer:
-    """Builds PnP-OVSS; ``checkpoint`` is a BLIP folder; ``options`` are :class:`PnpConfig`."""
+    """Builds PnP-OVSS; ``checkpoint`` is a BLIP folder; ``options`` are :class:`PnpConfig`
+    fields; ``tuned`` (or ``OVSS_PNP_TUNED``) names an ``ovss-label tune`` result whose layer,
+    head, threshold and blur σ are used."""
+    tuned = tuned or os.environ.get("OVSS_PNP_TUNED") or None
+    if tuned:
+        options = {**load_tuned(tuned), **options}
     config = PnpConfig(**options)
     return PnpOvssProposer(load_blip(model, path=checkpoint, tiny=tiny, device=device), config)

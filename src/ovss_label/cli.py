@@ -13,6 +13,7 @@ from ovss_label.commands.models import models
 from ovss_label.commands.ontology import ontology
 from ovss_label.commands.predict import predict
 from ovss_label.commands.serve import serve
+from ovss_label.commands.tune import tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +33,7 @@ cli.add_command(ontology)
 cli.add_command(predict)
 cli.add_command(models)
 cli.add_command(serve)
+cli.add_command(tune)
 
 
 def main() -> None:

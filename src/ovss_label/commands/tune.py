@@ -1,0 +1,87 @@
+"""``ovss-label tune``: tune PnP-OVSS on your images with a CLIP reward (no pixel labels)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from ovss_label.converters import image_url
+from ovss_label.converters.ls_tasks import file_name, pick_record
+
+
+def image_labels(labels: Path | None, export: Path | None) -> dict[str, list[str]]:
+    """File name -> class names, from a JSON mapping or a Label Studio JSON export."""
+    if (labels is None) == (export is None):
+        raise click.UsageError("give exactly one of --labels FILE.json and --ls-export FILE.json")
+    if labels is not None:
+        mapping = json.loads(labels.read_text())
+        return {str(k): [str(n) for n in v] for k, v in mapping.items() if v}
+    found: dict[str, list[str]] = {}
+    for task in json.loads(Path(str(export)).read_text()):
+        record, _ = pick_record(task)
+        names = sorted(
+            {n for r in (record or {}).get("result", []) for k, v in r.get("value", {}).items()
+             if k.endswith("labels") for n in v}
+        )  # fmt: skip
+        url = image_url(task, None)
+        if names and url:
+            found[file_name(url)] = names
+    return found
+
+
+@click.command("tune")
+@click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSON: {"photo.jpg": ["cat", "dog"], ...}.',
+)
+@click.option(
+    "--ls-export",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A Label Studio JSON export: the labels present in each annotated task.",
+)
+@click.option("--name", default="tuned", show_default=True, help="Name pnp_ovss loads it by.")
+@click.option("--iterations", default=34, show_default=True)
+@click.option("--layers", default="0-11", show_default=True, help="Layer range, e.g. 6-9.")
+@click.option("--seed", default=1164005944, show_default=True)
+@click.option("--max-images", default=50, show_default=True)
+@click.option("--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing).")
+def tune(images, labels, ls_export, name, iterations, layers, seed, max_images, tiny) -> None:
+    """Search PnP-OVSS's layer, head, threshold and blur for IMAGES (CLIP reward, resumable).
+
+    Writes $OVSS_CACHE_DIR/tuned/NAME.json, which `--method pnp_ovss` uses with
+    OVSS_PNP_TUNED=NAME, and prints the best configurations.
+    """
+    from ovss_label.backend.tune import run_search
+
+    if tiny:
+        os.environ["OVSS_TINY"] = "1"
+    mapping = image_labels(labels, ls_export)
+    first, _, last = layers.partition("-")
+    layer_range = list(range(int(first), int(last or first) + 1))
+    with Progress(console=Console(stderr=True)) as bar:
+        job = bar.add_task("tuning", total=iterations)
+        result = run_search(
+            images, mapping, name, iterations=iterations, layers=layer_range, seed=seed,
+            max_images=max_images, tiny=tiny, advance=lambda: bar.update(job, advance=1),
+        )  # fmt: skip
+    _table(result)
+
+
+def _table(result: dict[str, Any]) -> None:
+    table = Table(title=f"best configurations -> {result['path']}")
+    for column in ("reward", "layer", "head", "threshold", "blur σ"):
+        table.add_column(column, justify="right")
+    for reward, c in result["best"][:5]:
+        table.add_row(
+            f"{reward:g}", str(c.layer), str(c.head), f"{c.threshold:g}", f"{c.blur_sigma:g}"
+        )
+    Console().print(table)
