@@ -204,10 +204,11 @@ def test_no_pamr_option_reaches_the_proposer(photos, tmp_path, monkeypatch):
     assert "pamr0" in json.loads(out.read_text())[0]["predictions"][0]["model_version"]
 
 
-def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path):
+@pytest.mark.parametrize("method", ["pnp_ovss", "pnp_ovss+sam"])
+def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path, method):
     out = tmp_path / "tasks.json"
     args = [str(photos / "chelsea.png"), str(photos / "broken.jpg"), "--labels", "cat, cup",
-            "--method", "pnp_ovss", "-o", str(out), "--coco", str(tmp_path / "coco.json"),
+            "--method", method, "-o", str(out), "--coco", str(tmp_path / "coco.json"),
             "--overlays", str(tmp_path / "png")]  # fmt: skip
     result = _predict(args)
     assert result.exit_code == 0, result.output
@@ -215,6 +216,7 @@ def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path):
     assert len(tasks) == 1 and "broken.jpg" in result.output
     prediction = tasks[0]["predictions"][0]
     assert prediction["model_version"].startswith("pnp_ovss-blip_tiny")
+    assert prediction["model_version"].endswith("+sam_tiny") == method.endswith("+sam")
     config = (tmp_path / "tasks.label_config.xml").read_text()
     assert LabelInterface(config).validate_prediction(prediction)
     assert (

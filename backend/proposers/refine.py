@@ -186,3 +186,22 @@ def create_naclip_sam(
     dense = create_naclip(tiny=tiny, device=device, **naclip_options)
     sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
     return SamRefined(dense, sam, refine, feature_cache)
+
+
+@register_proposer("pnp_ovss+sam")
+def create_pnp_ovss_sam(
+    *,
+    tiny: bool | None = None,
+    device: str = "cpu",
+    sam_model: str = "sam_vit_b",
+    sam_checkpoint: str | None = None,
+    feature_cache: FeatureCache | None = None,
+    refine: RefineConfig | None = None,
+    **pnp_options: Any,
+) -> SamRefined:
+    """PnP-OVSS followed by SAM; ``pnp_options`` go to ``create_pnp_ovss``."""
+    from .pnp_ovss import create_pnp_ovss
+
+    dense = create_pnp_ovss(tiny=tiny, device=device, **pnp_options)
+    sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
+    return SamRefined(dense, sam, refine, feature_cache)
