@@ -17,6 +17,7 @@ temporary directory (``OVSS_CACHE_DIR``); nothing is downloaded (``OVSS_OFFLINE=
    through the disk cache (fill, then lookup).
 3. GFLOP/s of the encoders (``FlopCounterMode`` counts, timed without it) against a matmul.
 4. SAM ViT-B: encoder latency and GFLOP/s, refinement with 1 vs 20 classes (``sam_rows.py``).
+5. PnP-OVSS with BLIP ITM large: per-image latency (``pnp_rows.py``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from pnp_rows import pnp_rows  # bench/*.py: the script's folder is on sys.path
 from rich.console import Console
 from rich.table import Table
-from sam_rows import sam_rows  # bench/sam_rows.py (the script's folder is on sys.path)
+from sam_rows import sam_rows
 from skimage import data
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -315,6 +317,8 @@ def main() -> None:
         points = 8 if args.quick else 32  # SAM automatic-mask grid (library default 32)
         sam = sam_rows(photo(), matmul_limit(sizes.matmul)[1], count_flops, Path(tmp), points)
         console.print(table(title, columns, sam))
+        title = "PnP-OVSS (random weights), 480x640 photo"
+        console.print(table(title, columns, pnp_rows(photo(), 1 if args.quick else 4)))
     console.print(f"total {time.perf_counter() - start:.0f} s, process peak RSS {peak_mb()}")
 
 
