@@ -203,3 +203,36 @@ def test_dense_crf_uses_cutlers_constants():
     crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=image, compat=10)
     expected = np.array(crf.inference(10)).reshape(3, 20, 30).argmax(axis=0)
     np.testing.assert_array_equal(dense_crf(image, channels), expected)
+
+
+def test_clip_presence_filter_on_hand_made_embeddings():
+    from ovss_label.backend.proposers.presence import ClipPresence
+    from ovss_label.ontologies import Vocabulary
+
+    class FixedText:  # text features along the axes: class k (its synonyms) -> axis k
+        def query_features(self, vocab):
+            return torch.eye(4)[[0, 1, 2, 3]], [0, 0, 1, 2]
+
+    presence = ClipPresence(clip=None, text=FixedText())  # type: ignore[arg-type]
+    vocab = Vocabulary(("cat", "dog", "cup"), (("cat", "kitten"), ("dog",), ("cup",)))
+    image = torch.nn.functional.normalize(torch.tensor([0.1, 0.9, 0.3, 0.0]), dim=0)
+    probs = presence.probabilities(image, vocab)  # cat = max(cat, kitten) = the 2nd axis
+    assert probs.argmax() == 0 and torch.isclose(probs.sum(), torch.tensor(1.0))
+    assert presence.present(image, vocab, top_k=1).tolist() == [True, False, False]
+    assert presence.present(image, vocab, top_k=2).tolist() == [True, True, False]  # dog > cup
+    assert presence.present(image, vocab, threshold=0.99).tolist() == [True, False, False]
+
+
+def test_pnp_with_clip_presence_scores_absent_labels_zero(monkeypatch):
+    from ovss_label.backend.proposers import create_proposer
+    from ovss_label.backend.proposers.presence import ClipPresence
+    from ovss_label.ontologies import Vocabulary
+
+    monkeypatch.setattr(
+        ClipPresence, "present", lambda self, e, v, k, t: np.array([True, False, True])
+    )
+    proposer = create_proposer("pnp_ovss", tiny=True, image_size=64, presence="clip", crf=False)
+    image = np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    proposal = proposer.score(proposer.encode(image), Vocabulary.from_labels("cat, dog, cup"))
+    assert proposal.scores.shape == (3, 40, 70)
+    assert not (proposal.assignment == 1).any()  # "dog" was filtered out

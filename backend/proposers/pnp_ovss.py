@@ -14,9 +14,12 @@ score (words): caption "A picture of" + class names (spaces removed); ``rounds``
   'ovss-label[crf]'``), else one warning and the blurred maps' argmax.
 
 Class presence: the reference asks GPT-4o which classes each image shows; a self-hosted backend
-cannot, so every label goes into the caption (the CVPR paper's setting). Expected cost: absent
-classes still receive some attention mass and can take pixels from present ones; a CLIP
-image-level filter is the planned option (not implemented yet).
+cannot, so by default every label goes into the caption (the CVPR paper's setting). Expected
+cost: absent classes still receive some attention mass and can take pixels from present ones.
+Option ``presence="clip"``: CLIP ViT-L/14-336 scores the whole image against each label ("a
+photo of a {}.", synonyms by max, softmax at CLIP's scale 100) and only the ``presence_top_k``
+best and/or those above ``presence_threshold`` go into the caption (at least one); the others
+score 0.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ class PnpConfig:
             labelling projects) rather than only with fewer than 3 classes (stuff datasets).
         last_class_sum: Reproduce the reference's last-class quirk (off: a bug).
         crf: Use the dense CRF when ``pydensecrf2`` is installed.
+        presence: ``"all"`` labels in the caption, or ``"clip"`` (module docstring).
+        presence_top_k: With ``"clip"``: keep this many best labels (0: no limit).
+        presence_threshold: With ``"clip"``: keep labels with at least this probability.
     """
 
     image_size: int = 336
@@ -79,6 +85,9 @@ class PnpConfig:
     always_background: bool = True
     last_class_sum: bool = False
     crf: bool = True
+    presence: str = "all"
+    presence_top_k: int = 0
+    presence_threshold: float = 0.0
 
 
 class PnpOvssProposer(Proposer):
@@ -86,8 +95,10 @@ class PnpOvssProposer(Proposer):
 
     name = "pnp_ovss"
 
-    def __init__(self, blip: LoadedBlip, config: PnpConfig) -> None:
-        self.blip, self.config = blip, config
+    def __init__(self, blip: LoadedBlip, config: PnpConfig, presence: Any = None) -> None:
+        if config.presence not in ("all", "clip") or (config.presence == "clip") != bool(presence):
+            raise ValueError("presence must be 'all', or 'clip' with a CLIP presence filter")
+        self.blip, self.config, self.presence = blip, config, presence
 
     @property
     def model_version(self) -> str:
@@ -100,18 +111,22 @@ class PnpOvssProposer(Proposer):
         """Features: ``pixels`` (1, 3, S, S) normalised; ``image`` (H, W, 3) uint8 for the CRF."""
         pixels = square_pixels(image, self.config.image_size)
         tensors = {"pixels": pixels, "image": torch.from_numpy(np.array(image))}
+        if self.presence is not None:
+            tensors["clip_embedding"] = self.presence.embed(image)
         return Features((int(image.shape[0]), int(image.shape[1])), tensors)
 
     def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
         """Blurred class maps as ``scores`` and the CRF (or argmax) decision."""
-        names = [n.replace(" ", "") for n in vocabulary.names]
+        keep = self._present(features, vocabulary)
+        names = [n.replace(" ", "") for n, k in zip(vocabulary.names, keep, strict=True) if k]
         ids, mask = encode_caption(self.blip.tokenizer, "A picture of " + " ".join(names))
         tokens = self.blip.tokenizer.convert_ids_to_tokens(ids[0])[1:]  # [ENC] row dropped
         merged = self._dropout_rounds(features.tensors["pixels"], ids, mask)
         classes = pnp.class_token_maps(tokens, merged, self.config.last_class_sum)
         if classes.shape[0] != len(names):
             raise ValueError(f"caption gave {classes.shape[0]} words for {len(names)} classes")
-        kept = pnp.threshold_maps(classes, self.config.threshold)
+        kept = torch.zeros(len(keep), *classes.shape[1:])
+        kept[torch.from_numpy(keep)] = pnp.threshold_maps(classes, self.config.threshold)
         full = F.interpolate(
             kept[None], size=features.image_hw, mode="bilinear", align_corners=True
         )
@@ -124,6 +139,15 @@ class PnpOvssProposer(Proposer):
             if name.lower() == BACKGROUND:
                 assignment[assignment == k] = -1
         return Proposal(vocabulary.names, scores.astype(np.float32), assignment)
+
+    def _present(self, features: Features, vocabulary: Vocabulary) -> NDArray[Any]:
+        """(K,) bool: the labels that go into the caption."""
+        if self.presence is None:
+            return np.ones(len(vocabulary), bool)
+        c = self.config
+        return self.presence.present(  # type: ignore[no-any-return]
+            features.tensors["clip_embedding"], vocabulary, c.presence_top_k, c.presence_threshold
+        )
 
     def _dropout_rounds(
         self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
@@ -217,4 +241,10 @@ def create_pnp_ovss(
     if tuned:
         options = {**load_tuned(tuned), **options}
     config = PnpConfig(**options)
-    return PnpOvssProposer(load_blip(model, path=checkpoint, tiny=tiny, device=device), config)
+    blip = load_blip(model, path=checkpoint, tiny=tiny, device=device)
+    presence = None
+    if config.presence == "clip":
+        from .presence import ClipPresence
+
+        presence = ClipPresence.build(tiny=tiny, device=device)
+    return PnpOvssProposer(blip, config, presence)
