@@ -34,8 +34,12 @@ def test_weight_table_rows_are_complete():
     assert {"clip_vit_b16", "clip_vit_l14", "clip_vit_l14_336"} <= set(WEIGHTS)
     assert {"sam_vit_b", "sam_vit_l", "sam_vit_h"} <= set(WEIGHTS)
     for spec in WEIGHTS.values():
+        assert spec.licence and spec.size_mb > 0
+        if spec.format == "hf_hub":  # a repository snapshot: the hub checks each file
+            assert spec.url == f"https://huggingface.co/{spec.hub_id}" and spec.file == spec.name
+            continue
         assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
-        assert spec.url.endswith("/" + spec.file) and spec.licence and spec.size_mb > 0
+        assert spec.url.endswith("/" + spec.file)
         if spec.name.startswith("clip_"):
             assert spec.sha256 in spec.url  # OpenAI URL scheme: the sha256 is the directory
             assert spec.arch == CLIP_ARCHS[spec.name] and spec.format == "torchscript"
@@ -155,6 +159,17 @@ def test_pull_reports_http_errors(tmp_path):
     client = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(404)))
     with pytest.raises(DownloadError, match="failed"):
         pull(_spec(b"a"), tmp_path, client=client)
+
+
+def test_hub_snapshots_verify_by_their_files(tmp_path):
+    spec = get_spec("blip_itm_large_flickr")
+    assert spec.format == "hf_hub" and spec.hub_id == "Salesforce/blip-itm-large-flickr"
+    folder = tmp_path / spec.file
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert verify(spec, folder).status == "missing"  # no weights file yet
+    (folder / "model.safetensors").write_bytes(b"x")
+    assert verify(spec, folder).status == "ok"
 
 
 def test_models_cli_list_and_verify(tmp_path, monkeypatch):

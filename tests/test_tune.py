@@ -58,6 +58,8 @@ def test_labels_from_a_label_studio_export():
 
     mapping = image_labels(None, LS_EXPORT)
     assert mapping and all(isinstance(v, list) and v for v in mapping.values())
+    live_tasks = json.loads(LS_EXPORT.read_text())  # what --project fetches through the SDK
+    assert image_labels(None, None, live_tasks) == mapping
 
 
 @pytest.fixture()

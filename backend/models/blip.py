@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-BLIP_HUB_IDS: dict[str, str] = {
-    "blip_itm_large_flickr": "Salesforce/blip-itm-large-flickr",
-    "blip_itm_large_coco": "Salesforce/blip-itm-large-coco",
-}
+from .weights import WEIGHTS
+
+BLIP_HUB_IDS: dict[str, str] = {n: s.hub_id for n, s in WEIGHTS.items() if s.format == "hf_hub"}
 """Weight-table name -> Hugging Face hub id (safetensors; PnP-OVSS "BLIP_Flickr"/"BLIP_COCO")."""
 
 ENC_TOKEN = "[ENC]"

@@ -48,6 +48,8 @@ def pull(
     Raises:
         DownloadError: HTTP error, or the sha256 of the received bytes is wrong.
     """
+    if spec.format == "hf_hub":
+        return _pull_snapshot(spec, dest_dir or weights_dir())
     target = (dest_dir or weights_dir()) / spec.file
     if target.is_file() and not force and sha256_file(target) == spec.sha256:
         return target
@@ -70,6 +72,19 @@ def pull(
             "nothing was written"
         )
     os.replace(part, target)
+    return target
+
+
+def _pull_snapshot(spec: WeightSpec, dest_dir: Path) -> Path:
+    """A hub repository's safetensors, config and tokenizer files into ``dest_dir/<name>``."""
+    from huggingface_hub import snapshot_download
+
+    target = dest_dir / spec.file
+    patterns = ["*.json", "*.safetensors", "*.txt"]  # never the pickled *.bin weights
+    try:
+        snapshot_download(spec.hub_id, local_dir=str(target), allow_patterns=patterns)
+    except Exception as exc:  # hub and network errors come in many types
+        raise DownloadError(f"download of {spec.name} from {spec.hub_id} failed: {exc}") from exc
     return target
 
 
@@ -112,6 +127,11 @@ class Verification:
 def verify(spec: WeightSpec, path: Path | None = None) -> Verification:
     """Checks the sha256 of ``path`` or of ``spec``'s file in the weights directory."""
     candidate = path or weights_dir() / spec.file
+    if spec.format == "hf_hub":
+        complete = (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors"))
+        return Verification(
+            spec, candidate if complete else None, spec.sha256 if complete else None
+        )
     if not candidate.is_file():
         return Verification(spec, None, None)
     return Verification(spec, candidate, sha256_file(candidate))

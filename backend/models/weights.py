@@ -85,6 +85,14 @@ def _sam(name: str, arch: str, file: str, sha: str, size_mb: int) -> WeightSpec:
     )
 
 
+def _hub(name: str, hub_id: str, size_mb: int) -> WeightSpec:
+    # A Hugging Face repository snapshot (a folder): the hub client checks each file's sha256
+    # against the hub's own record, so the table holds no digest for it.
+    url = f"https://huggingface.co/{hub_id}"
+    return WeightSpec(name, "blip_itm_large", name, url, "", "BSD-3-Clause (BLIP)", "hf_hub",
+                      hub_id=hub_id, size_mb=size_mb)  # fmt: skip
+
+
 # sha256 of the SAM checkpoints as published with them (segment-anything README downloads).
 _SAM_B = "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
 _SAM_L = "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"
@@ -121,6 +129,8 @@ WEIGHTS: dict[str, WeightSpec] = {
         _sam("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", _SAM_B, 358),
         _sam("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", _SAM_L, 1192),
         _sam("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", _SAM_H, 2446),
+        _hub("blip_itm_large_flickr", "Salesforce/blip-itm-large-flickr", 1880),
+        _hub("blip_itm_large_coco", "Salesforce/blip-itm-large-coco", 1880),
     )
 }
 

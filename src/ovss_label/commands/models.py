@@ -22,7 +22,7 @@ def list_() -> None:
     for column in ("name", "file", "MB", "licence", "present", "source"):
         table.add_column(column)
     for spec in WEIGHTS.values():
-        present = "yes" if (weights_dir() / spec.file).is_file() else "no"
+        present = "yes" if (weights_dir() / spec.file).exists() else "no"
         table.add_row(spec.name, spec.file, str(spec.size_mb), spec.licence, present, spec.url)
     Console().print(table)
 

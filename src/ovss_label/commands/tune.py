@@ -16,15 +16,24 @@ from ovss_label.converters import image_url
 from ovss_label.converters.ls_tasks import file_name, pick_record
 
 
-def image_labels(labels: Path | None, export: Path | None) -> dict[str, list[str]]:
-    """File name -> class names, from a JSON mapping or a Label Studio JSON export."""
-    if (labels is None) == (export is None):
-        raise click.UsageError("give exactly one of --labels FILE.json and --ls-export FILE.json")
+def image_labels(
+    labels: Path | None, export: Path | None, tasks: list[dict[str, Any]] | None = None
+) -> dict[str, list[str]]:
+    """File name -> class names, from a JSON mapping, a Label Studio JSON export file, or the
+    tasks of a live project."""
+    if sum(x is not None for x in (labels, export, tasks)) != 1:
+        raise click.UsageError("give exactly one of --labels, --ls-export and --project")
     if labels is not None:
         mapping = json.loads(labels.read_text())
         return {str(k): [str(n) for n in v] for k, v in mapping.items() if v}
+    if tasks is None:
+        tasks = json.loads(Path(str(export)).read_text())
+    return _labels_of_tasks(tasks or [])
+
+
+def _labels_of_tasks(tasks: list[dict[str, Any]]) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
-    for task in json.loads(Path(str(export)).read_text()):
+    for task in tasks:
         record, _ = pick_record(task)
         names = sorted(
             {n for r in (record or {}).get("result", []) for k, v in r.get("value", {}).items()
@@ -48,13 +57,17 @@ def image_labels(labels: Path | None, export: Path | None) -> dict[str, list[str
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="A Label Studio JSON export: the labels present in each annotated task.",
 )
+@click.option("--project", type=int, help="Or the annotated tasks of a live project.")
+@click.option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio URL (with --project).")
+@click.option("--api-key", envvar="LABEL_STUDIO_API_KEY", help="Legacy token or PAT.")
 @click.option("--name", default="tuned", show_default=True, help="Name pnp_ovss loads it by.")
 @click.option("--iterations", default=34, show_default=True)
 @click.option("--layers", default="0-11", show_default=True, help="Layer range, e.g. 6-9.")
 @click.option("--seed", default=1164005944, show_default=True)
 @click.option("--max-images", default=50, show_default=True)
 @click.option("--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing).")
-def tune(images, labels, ls_export, name, iterations, layers, seed, max_images, tiny) -> None:
+def tune(images, labels, ls_export, project, url, api_key, name, iterations, layers, seed,
+         max_images, tiny) -> None:  # fmt: skip
     """Search PnP-OVSS's layer, head, threshold and blur for IMAGES (CLIP reward, resumable).
 
     Writes $OVSS_CACHE_DIR/tuned/NAME.json, which `--method pnp_ovss` uses with
@@ -64,7 +77,15 @@ def tune(images, labels, ls_export, name, iterations, layers, seed, max_images, 
 
     if tiny:
         os.environ["OVSS_TINY"] = "1"
-    mapping = image_labels(labels, ls_export)
+    tasks = None
+    if project is not None:
+        from ovss_label.lsapi import LabelStudioError, fetch_project_export, make_client
+
+        try:
+            tasks, _ = fetch_project_export(make_client(url or "", api_key or ""), project)
+        except LabelStudioError as exc:
+            raise click.ClickException(str(exc)) from exc
+    mapping = image_labels(labels, ls_export, tasks)
     first, _, last = layers.partition("-")
     layer_range = list(range(int(first), int(last or first) + 1))
     with Progress(console=Console(stderr=True)) as bar:
