@@ -61,7 +61,10 @@ def build_tiny_blip(vocab_size: int, seed: int = 0, **token_ids: int) -> Any:
 
 def encode_caption(tokenizer: Any, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, T) input ids with the first token replaced by ``[ENC]`` (LAVIS), and the mask."""
-    batch = tokenizer([caption], return_tensors="pt", padding="longest")
+    # As the reference (BlipITM.forward): longest padding, truncation at 500 tokens.
+    batch = tokenizer(
+        [caption], return_tensors="pt", padding="longest", truncation=True, max_length=500
+    )
     ids = batch["input_ids"].clone()
     ids[:, 0] = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
     return ids, batch["attention_mask"]
