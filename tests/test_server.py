@@ -370,11 +370,21 @@ def test_a_text_prompt_is_an_ad_hoc_query_labelled_with_a_project_label(server):
     encoder = engine.proposer("naclip").text
     assert label_for_text("giraffe", vocab, encoder) in ("Cat", "Dog")  # nearest text embedding
     context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
-                           "value": {"text": ["a small kitten"]}}]}  # fmt: skip
-    assert text_prompt(context) == "a small kitten"
+                           "value": {"text": [" Kitten "]}}]}  # fmt: skip
+    assert text_prompt(context) == "Kitten"  # a synonym of Cat: the label is decided by rule
     body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
     body["params"]["context"] = context
+    seen = []
+    real = engine.predict_task
+
+    def spy(task, project):
+        seen.append(project.vocabulary)
+        return real(task, project)
+
+    engine.predict_task = spy
     results = client.post("/predict", json=body).json()["results"]
+    (queried,) = seen  # one task, predicted with the one-query vocabulary
+    assert queried.names == ("Cat",) and queried.synonyms == (("Kitten",),)
     assert len(results) == 1 and LabelInterface(CONFIG).validate_prediction(results[0])
     labels = {r["value"].get("brushlabels", r["value"].get("polygonlabels", [""]))[0]
               for r in results[0]["result"]}  # fmt: skip

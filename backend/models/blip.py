@@ -100,22 +100,8 @@ def itm_gradcam(
         attention_mask: (B, T) 1 for real tokens.
         layer: Text-encoder layer index (0-based; PnP-OVSS uses 7).
     """
-    with torch.enable_grad():
-        pixel_values = pixel_values.detach().requires_grad_(True)  # frozen weights still get A.grad
-        image = model.vision_model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
-        image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
-        out = model.text_encoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image,
-            encoder_attention_mask=image_mask,
-            output_attentions=True,
-            return_dict=True,
-        )
-        logits = model.itm_head(out.last_hidden_state[:, 0])
-        probs = out.cross_attentions[layer]  # (B, heads, T, 1 + P²)
-        (grad,) = torch.autograd.grad(logits[:, 1].sum(), probs)
-    return GradCam(logits[:, 1].detach(), _cam(probs.detach(), grad, attention_mask))
+    logit, maps = _gradcams(model, pixel_values, input_ids, attention_mask, [layer])
+    return GradCam(logit, maps[layer])
 
 
 def itm_gradcam_layers(
@@ -130,8 +116,19 @@ def itm_gradcam_layers(
     Returns:
         Layer index -> (B, heads, T, P, P) maps.
     """
+    return _gradcams(model, pixel_values, input_ids, attention_mask, layers)[1]
+
+
+def _gradcams(
+    model: Any,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: list[int],
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(B,) match logits and layer -> GradCAM maps, from one forward and one backward pass."""
     with torch.enable_grad():
-        pixel_values = pixel_values.detach().requires_grad_(True)
+        pixel_values = pixel_values.detach().requires_grad_(True)  # frozen weights still get A.grad
         image = model.vision_model(pixel_values, interpolate_pos_encoding=True).last_hidden_state
         image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
         out = model.text_encoder(
@@ -143,12 +140,13 @@ def itm_gradcam_layers(
             return_dict=True,
         )
         logits = model.itm_head(out.last_hidden_state[:, 0])
-        probs = [out.cross_attentions[layer] for layer in layers]
+        probs = [out.cross_attentions[layer] for layer in layers]  # (B, heads, T, 1 + P²) each
         grads = torch.autograd.grad(logits[:, 1].sum(), probs)
-    return {
+    maps = {
         layer: _cam(p.detach(), g, attention_mask)
         for layer, p, g in zip(layers, probs, grads, strict=True)
     }
+    return logits[:, 1].detach(), maps
 
 
 def _cam(probs: torch.Tensor, grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

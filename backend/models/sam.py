@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +94,10 @@ class LoadedSam:
     name: str
     tiny: bool
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Hash of the first values of every weight: tells checkpoints apart, cheaply."""
+        """Hash of the first values of every weight: tells checkpoints apart, cheaply (computed
+        once per loaded model; every ``SamEncoder`` keys the feature cache with it)."""
         digest = hashlib.blake2b(digest_size=8)
         for key, value in self.model.state_dict().items():
             digest.update(key.encode())

@@ -21,6 +21,7 @@ errs on the safe side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from ovss_label.converters import Instance
 from ovss_label.ontologies import Vocabulary
 
 from ..models.sam import LoadedSam, build_sam
-from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+from .base import BACKGROUND, Features, Proposal, Proposer, create_proposer, register_proposer
 from .cache import FeatureCache, image_key
 from .postprocess import assignment_of
 from .sam_prompts import SamEncoder, decode
@@ -169,39 +170,26 @@ class SamRefined(Proposer):
         return found
 
 
-@register_proposer("naclip+sam")
-def create_naclip_sam(
-    *,
-    tiny: bool | None = None,
-    device: str = "cpu",
-    sam_model: str = "sam_vit_b",
-    sam_checkpoint: str | None = None,
-    feature_cache: FeatureCache | None = None,
-    refine: RefineConfig | None = None,
-    **naclip_options: Any,
-) -> SamRefined:
-    """NACLIP followed by SAM; ``naclip_options`` go to ``create_naclip``."""
-    from .naclip import create_naclip
+def with_sam(dense_method: str) -> Callable[..., SamRefined]:
+    """A factory for ``<dense_method>+sam``: the dense method (its options passed through)
+    followed by SAM."""
 
-    dense = create_naclip(tiny=tiny, device=device, **naclip_options)
-    sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
-    return SamRefined(dense, sam, refine, feature_cache)
+    def create(
+        *,
+        tiny: bool | None = None,
+        device: str = "cpu",
+        sam_model: str = "sam_vit_b",
+        sam_checkpoint: str | None = None,
+        feature_cache: FeatureCache | None = None,
+        refine: RefineConfig | None = None,
+        **dense_options: Any,
+    ) -> SamRefined:
+        dense = create_proposer(dense_method, tiny=tiny, device=device, **dense_options)
+        sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
+        return SamRefined(dense, sam, refine, feature_cache)
+
+    return create
 
 
-@register_proposer("pnp_ovss+sam")
-def create_pnp_ovss_sam(
-    *,
-    tiny: bool | None = None,
-    device: str = "cpu",
-    sam_model: str = "sam_vit_b",
-    sam_checkpoint: str | None = None,
-    feature_cache: FeatureCache | None = None,
-    refine: RefineConfig | None = None,
-    **pnp_options: Any,
-) -> SamRefined:
-    """PnP-OVSS followed by SAM; ``pnp_options`` go to ``create_pnp_ovss``."""
-    from .pnp_ovss import create_pnp_ovss
-
-    dense = create_pnp_ovss(tiny=tiny, device=device, **pnp_options)
-    sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
-    return SamRefined(dense, sam, refine, feature_cache)
+for _dense in ("naclip", "pnp_ovss"):
+    register_proposer(f"{_dense}+sam")(with_sam(_dense))
