@@ -74,7 +74,12 @@ class Output:
         """Control names from a labeling config; ``kind`` None picks what the config has."""
         from label_studio_sdk.label_interface.interface import LabelInterface
 
-        interface = LabelInterface(config_xml)
+        return cls.from_interface(LabelInterface(config_xml), kind)
+
+    @classmethod
+    def from_interface(cls, interface: Any, kind: str | None) -> Output:
+        """:meth:`from_label_config` for a parsed SDK ``LabelInterface`` (parse a large
+        config once, not once per reader)."""
         names = {c.tag: c for c in interface.controls}
         brush, polygon = names.get("BrushLabels"), names.get("PolygonLabels")
         available = [k for k, c in (("brush", brush), ("polygon", polygon)) if c is not None]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
 from pycocotools import mask as coco_mask
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -57,3 +62,54 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask.astype(np.uint8), 1)
     cv2.floodFill(padded, None, (0, 0), 2)
     return (padded != 2)[1:-1, 1:-1]
+
+
+def png_bytes(seed: int, h: int = 8, w: int = 8) -> bytes:
+    """A random RGB PNG."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Host:
+    """A real HTTP server on one loopback address: ``/a.png`` (its own image), ``/to?url=``
+    (a 302 there), ``/trickle`` (one byte every 50 ms). Records the paths it was asked for."""
+
+    def __init__(self, address: str, seed: int) -> None:
+        self.body, self.seen = png_bytes(seed), []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host.seen.append(self.path)
+                if self.path.startswith("/to?url="):
+                    self.send_response(302)
+                    self.send_header("Location", self.path[len("/to?url=") :])
+                    self.end_headers()
+                elif self.path == "/trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    for _ in range(1000):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(host.body)))
+                    self.end_headers()
+                    self.wfile.write(host.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((address, 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://{address}:{self.server.server_port}"
+        serve = lambda: self.server.serve_forever(poll_interval=0.05)  # noqa: E731
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -3,8 +3,13 @@
 Routes (label_studio.md §1.1): ``GET /`` and ``GET /health``, ``POST /setup``, ``POST /predict``,
 ``POST /webhook``, ``GET /versions``. Why FastAPI + uvicorn: maintained, async routes that
 answer ``/health`` and ``/webhook`` at once while predictions run in the engine's bounded
-thread pool, request validation, and a test client; the upstream Flask 1.1 stack
-(``label-studio-ml`` 1.0.9 on PyPI) is unmaintained.
+executors, and a test client; the upstream Flask 1.1 stack (``label-studio-ml`` 1.0.9 on PyPI)
+is unmaintained.
+
+Malformed requests get a 4xx with a one-line ``detail``, never a 500: a body over the size
+limit 413; a body that is not JSON, nests too deeply or is not an object 400; ``tasks`` that is
+not a list, ``label_config`` that is not a string, a malformed TextArea context 400. A webhook
+is stored verbatim before any field is read (``events.py``), so an odd field never loses it.
 
 Security: with basic-auth credentials configured, every route needs them, except that
 ``/webhook`` also accepts the shared webhook token as ``?token=`` (Label Studio's auto-created
@@ -17,15 +22,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
+from concurrent.futures import Executor
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from ovss_label import __version__
 
-from .engine import Engine, parse_project
+from .engine import Engine
 from .events import TRAINING_ACTIONS
 
 log = logging.getLogger(__name__)
@@ -68,34 +75,41 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
-        body = await _json(request)
-        method = engine.settings.method
-        try:
-            method = parse_project(str(body.get("schema") or ""), method).method
-        except ValueError as exc:
-            log.warning("setup: labeling config refused: %s", exc)
+        body = await _json(request, engine, engine.control)
+        schema, method = body.get("schema"), engine.settings.method
+        if isinstance(schema, str) and schema.strip():
+            loop = asyncio.get_running_loop()
+            try:
+                project = await loop.run_in_executor(engine.control, engine.projects.get, schema)
+                method = project.method
+            except ValueError as exc:
+                log.warning("setup: labeling config refused: %s", exc)
         return {"model_version": engine.model_version(method)}
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        body = await _json(request)
-        tasks = [t for t in body.get("tasks") or [] if isinstance(t, dict)]
-        config = str(body.get("label_config") or "")
+        body = await _json(request, engine, engine.control)
+        tasks, config = body.get("tasks"), body.get("label_config", "")
+        if not isinstance(tasks, list):
+            raise HTTPException(400, "'tasks' must be a list of task objects")
+        if not isinstance(config, str | None):
+            raise HTTPException(400, "'label_config' must be a string (the labeling config XML)")
         params = body.get("params")
         context = (params.get("context") if isinstance(params, dict) else None) or body.get(
             "context"
         )
-        results = await asyncio.to_thread(engine.predict, tasks, config, context)
+        try:
+            results = await engine.predict(tasks, config or "", context)
+        except ValueError as exc:  # a malformed context: the request's fault
+            raise HTTPException(400, str(exc)) from exc
         return {"results": results}
 
     @app.post("/webhook")
     async def webhook(request: Request) -> JSONResponse:
-        body = await _json(request)
-        action = str(body.get("action", ""))
-        if action not in TRAINING_ACTIONS:
-            return JSONResponse({"status": "Unknown event"}, status_code=200)
-        event_id = await asyncio.to_thread(engine.events.record, body)
-        return JSONResponse({"status": "ok", "result": {"event": event_id}}, status_code=201)
+        raw = await _read(request, engine)
+        loop = asyncio.get_running_loop()
+        status, answer = await loop.run_in_executor(engine.webhooks, _store_event, engine, raw)
+        return JSONResponse(answer, status_code=status)
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
@@ -104,15 +118,51 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
+def _store_event(engine: Engine, raw: bytes) -> tuple[int, dict[str, Any]]:
+    """(status, answer) for one webhook body; runs on the event store's own thread."""
+    body = _parse(raw)
+    action = body.get("action")
+    if action not in TRAINING_ACTIONS:
+        return 200, {"status": "Unknown event"}
+    event_id = engine.events.record(raw.decode(json.detect_encoding(raw), "replace"), body)
+    return 201, {"status": "ok", "result": {"event": event_id}}
+
+
 def _methods(engine: Engine) -> list[str]:
     from ovss_label.methods import METHODS
 
     return [engine.settings.method, *(m for m in METHODS if m != engine.settings.method)]
 
 
-async def _json(request: Request) -> dict[str, Any]:
+async def _read(request: Request, engine: Engine) -> bytes:
+    """The body, at most ``max_request_mb`` (413 above)."""
+    limit = engine.settings.max_request_mb << 20
+    declared = request.headers.get("content-length", "")
+    too_big = HTTPException(413, f"the request body is over {engine.settings.max_request_mb} MB")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+async def _json(request: Request, engine: Engine, pool: Executor) -> dict[str, Any]:
+    """The body as a JSON object, parsed in ``pool`` (a 10 MB body must not hold the loop)."""
+    raw = await _read(request, engine)
+    return await asyncio.get_running_loop().run_in_executor(pool, _parse, raw)
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    """A JSON object; HTTPException 400 with one line for anything else."""
     try:
-        body = await request.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+        body = json.loads(raw)
+    except RecursionError:
+        raise HTTPException(400, "the JSON body is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return body

@@ -5,7 +5,8 @@ timeout, which a CPU backend cannot meet for more than a few images. This job in
 project's tasks, predicts each with the server's own engine (same media rules, same
 ``model_version``), and posts each prediction as soon as it is ready. Tasks that already have a
 prediction with this ``model_version`` are skipped, so an interrupted run resumes where it
-stopped and a repeated run adds nothing.
+stopped and a repeated run adds nothing. A task that failed for now (a timeout, a 5xx) gets no
+prediction, so the next run tries it again; one that failed for good gets an empty prediction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, parse_project
+from .engine import Engine
+from .projects import parse_project
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class BatchReport:
     predicted: int = 0
     skipped: int = 0
     empty: int = 0
+    retry: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -63,14 +66,17 @@ def predict_project(
             report.skipped += 1
         else:
             prediction = engine.predict_task(task, parsed)
-            report.empty += not prediction["result"]
-            client.predictions.create(
-                task=task["id"],
-                result=prediction["result"],
-                score=prediction["score"],
-                model_version=version,
-            )
-            report.predicted += 1
+            if prediction is None:  # failed for now (engine.py): the next run tries again
+                report.retry += 1
+            else:
+                report.empty += not prediction["result"]
+                client.predictions.create(
+                    task=task["id"],
+                    result=prediction["result"],
+                    score=prediction["score"],
+                    model_version=version,
+                )
+                report.predicted += 1
         if advance:
             advance()
     return report

@@ -46,12 +46,22 @@ class ClickPrompt:
 
 
 def text_prompt(context: Any) -> str | None:
-    """The text of a TextArea region in ``context.result`` (an ad-hoc query), or None."""
+    """The text of a TextArea region in ``context.result`` (an ad-hoc query), or None.
+
+    Label Studio sends ``value.text`` as a list of strings; a bare string is accepted as one.
+
+    Raises:
+        ValueError: ``value.text`` is neither (e.g. a number): the request is malformed.
+    """
     items = context.get("result") if isinstance(context, dict) else None
     for region in items if isinstance(items, list) else []:
         if isinstance(region, dict) and region.get("type") == "textarea":
-            texts = (region.get("value") or {}).get("text") or []
-            text = str(texts[0]).strip() if texts else ""
+            value = region.get("value")
+            texts = value.get("text") if isinstance(value, dict) else None
+            texts = [texts] if isinstance(texts, str) else texts or []
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ValueError("a textarea region's value.text must be a list of strings")
+            text = texts[0].strip() if texts else ""
             if text:
                 return text
     return None

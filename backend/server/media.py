@@ -9,23 +9,33 @@ URL kinds (label_studio.md §1.7, the SDK's ``get_local_path`` rules):
   ``/tasks/{id}/presign/?fileuri=<urlsafe base64>``.
 - ``http(s)://``: downloaded directly.
 
-Every download: http(s) only; each hop's host resolved and refused when it is private,
-loopback, link-local or reserved unless it is the Label Studio host or ``allow_private``;
-redirects followed by hand (each hop checked, at most ``max_redirects``); connect and read
-timeouts; the body streamed with a byte cap. The ``Authorization`` header goes only to the
-Label Studio host: ``Token`` for a legacy token; for a personal access token (a JWT refresh
-token) the SDK's client refreshes an access token and builds ``Bearer`` with it. Decoding
-applies EXIF orientation and a pixel cap. Errors are :class:`MediaError` with a message that never
-contains the token or a URL's query string (presigned URLs carry credentials there).
+Every download: http(s) only; every connection, at every redirect hop, goes to an address that
+was resolved once and checked (``netguard.py``: private, loopback, link-local and reserved
+addresses are refused unless allowed; Label Studio's host always passes); redirects followed by
+hand (at most ``max_redirects``); a connect timeout, a timeout between bytes and one total
+budget for the whole download, redirects included; the body streamed with a byte cap.
+
+The token: the ``Authorization`` header goes only to Label Studio's origin (same scheme, host
+and port) and only for its media paths (uploads, local files, storage presign / resolve); any
+other Label Studio path from a task is refused, so a task cannot make the backend send an
+authenticated request to the API. ``Token`` for a legacy token; for a personal access token (a
+JWT refresh token) the SDK's client refreshes an access token and builds ``Bearer`` with it.
+
+Decoding applies EXIF orientation and a pixel cap. Errors are :class:`MediaError` with a message
+that never contains the token or a URL's query string (presigned URLs carry credentials there),
+and say whether trying again later can help (``transient``: timeouts, connection failures, 5xx,
+429, 401/403, a failed token refresh) or not (not an image, too big, refused URL, 404).
 """
 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import logging
-import socket
+import re
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
@@ -35,21 +45,45 @@ from numpy.typing import NDArray
 
 from ovss_label.images import decode_rgb, load_rgb
 
+from .netguard import AddressGuard, BlockedAddressError, ResolveError, pinned_transport
 from .settings import MediaPolicy
 
 _CLOUD = ("s3://", "gs://", "azure-blob://")
+_LS_MEDIA_PATH = re.compile(
+    r"/(data/upload/.+|data/local-files/?|storage-data/uploaded/?"
+    r"|(tasks|projects)/\d+/(presign|resolve)/?)"
+)
+"""Label Studio 1.23's media routes (``data_import/urls.py``, ``io_storages/urls.py``)."""
+_RETRY_STATUS = {401, 403, 408, 425, 429}  # plus every 5xx: may work on a later request
 
 
 class MediaError(ValueError):
-    """A task's image could not be fetched or decoded; the message says why."""
+    """A task's image could not be fetched or decoded; the message says why.
+
+    Attributes:
+        transient: True when the same request may succeed later (module docstring).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def redact(url: str) -> str:
     """``url`` without its query string and user info (safe to log)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else parts.path
+    host = parts.netloc.rpartition("@")[2]  # no user info; the port as written
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the scheme's default port, or None for a malformed URL."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower(), 0)
+    except ValueError:
+        return None
+    return (parts.scheme.lower(), (parts.hostname or "").lower(), port) if parts.hostname else None
 
 
 class MediaFetcher:
@@ -57,14 +91,25 @@ class MediaFetcher:
 
     def __init__(self, policy: MediaPolicy, transport: httpx.BaseTransport | None = None) -> None:
         self.policy = policy
+        self.ls_origin = origin(policy.ls_url) if policy.ls_url else None
+        self.ls_prefix = urlsplit(policy.ls_url).path.rstrip("/") if policy.ls_url else ""
+        trusted = self.ls_origin[1:] if self.ls_origin else None
+        guard = AddressGuard(
+            allow_private=policy.allow_private,
+            allowed_networks=policy.allowed_networks,
+            trusted=trusted,
+        )
         timeout = httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
-        self.client = httpx.Client(timeout=timeout, follow_redirects=False, transport=transport)
-        self.ls_netloc = urlsplit(policy.ls_url).netloc if policy.ls_url else None
+        self.client = httpx.Client(
+            timeout=timeout,
+            follow_redirects=False,
+            transport=transport or pinned_transport(guard),
+            trust_env=False,
+        )
         self._sdk: Any = None  # built on first use of a personal access token
         self._sdk_lock = threading.Lock()
         # httpx logs every request URL at INFO; presigned URLs carry credentials in the query.
-        for name in ("httpx", "httpx2"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def image(self, url: object, task_id: int | None = None) -> NDArray[Any]:
         """(H, W, 3) uint8 RGB of a task's image URL, EXIF orientation applied."""
@@ -96,9 +141,11 @@ class MediaFetcher:
                 raise MediaError("a cloud-storage URL needs the task id to be presigned")
             encoded = base64.urlsafe_b64encode(url.encode()).decode()
             url = f"/tasks/{task_id}/presign/?fileuri={encoded}"
-        if url.startswith("/"):
+        if url.startswith("/") and not url.startswith("//"):
             if not self.policy.ls_url:
                 raise MediaError(f"{redact(url)} is a Label Studio path: set LABEL_STUDIO_URL")
+            if not self._media_path(urlsplit(url).path):
+                raise MediaError(f"{redact(url)} is not a Label Studio media path")
             return self.policy.ls_url.rstrip("/") + url
         if urlsplit(url).scheme not in ("http", "https"):
             raise MediaError(
@@ -106,25 +153,72 @@ class MediaFetcher:
             )
         return url
 
+    def _media_path(self, path: str) -> bool:
+        """True for Label Studio's media routes (no dot segments, even percent-encoded)."""
+        segments = unquote(path).split("/")
+        return "." not in segments and ".." not in segments and bool(_LS_MEDIA_PATH.fullmatch(path))
+
     def download(self, url: str) -> bytes:
         """The body of ``url`` under the policy (module docstring)."""
+        deadline = time.monotonic() + self.policy.download_timeout
         for _ in range(self.policy.max_redirects + 1):
-            self._check_host(url)
-            try:
-                with self.client.stream("GET", url, headers=self._headers(url)) as response:
-                    if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
-                        continue
-                    if response.status_code != 200:
-                        raise MediaError(f"{redact(url)} answered HTTP {response.status_code}")
-                    return self._read_capped(response, url)
-            except httpx.TimeoutException as exc:
-                raise MediaError(f"{redact(url)} timed out ({type(exc).__name__})") from exc
-            except httpx.HTTPError as exc:
-                raise MediaError(f"{redact(url)} failed: {type(exc).__name__}") from exc
+            with self._get(url, deadline) as response:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers.get("location", ""))
+                    continue
+                if response.status_code != 200:
+                    status = response.status_code
+                    raise MediaError(
+                        f"{redact(url)} answered HTTP {status}",
+                        transient=status in _RETRY_STATUS or status >= 500,
+                    )
+                return self._read_capped(response, url, deadline)
         raise MediaError(f"more than {self.policy.max_redirects} redirects from {redact(url)}")
 
-    def _read_capped(self, response: httpx.Response, url: str) -> bytes:
+    @contextmanager
+    def _get(self, url: str, deadline: float) -> Iterator[httpx.Response]:
+        """The streamed response of one hop (closed on exit); failures become MediaErrors."""
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise MediaError(f"unsupported URL {redact(url)!r}")
+        remaining = self._remaining(url, deadline)
+        timeout = httpx.Timeout(
+            min(self.policy.read_timeout, remaining),
+            connect=min(self.policy.connect_timeout, remaining),
+        )
+        try:
+            headers = self._headers(url)
+            request = self.client.build_request("GET", url, headers=headers, timeout=timeout)
+        except httpx.InvalidURL as exc:
+            raise MediaError(f"malformed URL {redact(url)!r}: {exc}") from exc
+        try:
+            response = self.client.send(request, stream=True)
+        except (httpx.HTTPError, ResolveError, BlockedAddressError) as exc:
+            raise self._failure(exc, url) from exc
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def _failure(self, exc: Exception, url: str) -> MediaError:
+        if isinstance(exc, BlockedAddressError):
+            return MediaError(str(exc))  # the policy will refuse it next time too
+        if isinstance(exc, ResolveError):
+            return MediaError(str(exc), transient=True)
+        if isinstance(exc, httpx.TimeoutException):
+            return MediaError(f"{redact(url)} timed out ({type(exc).__name__})", transient=True)
+        return MediaError(f"{redact(url)} failed: {type(exc).__name__}", transient=True)
+
+    def _remaining(self, url: str, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MediaError(
+                f"{redact(url)} took longer than the {self.policy.download_timeout:g} s "
+                "download budget (OVSS_DOWNLOAD_TIMEOUT)",
+                transient=True,
+            )
+        return remaining
+
+    def _read_capped(self, response: httpx.Response, url: str, deadline: float) -> bytes:
         cap = self.policy.max_bytes
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > cap:
@@ -132,20 +226,33 @@ class MediaFetcher:
                 f"{redact(url)} is {int(declared):,} bytes, over the {cap:,}-byte limit"
             )
         chunks, size = [], 0
-        for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > cap:
-                raise MediaError(f"{redact(url)} is over the {cap:,}-byte limit")
-            chunks.append(chunk)
+        try:
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    raise MediaError(f"{redact(url)} is over the {cap:,}-byte limit")
+                chunks.append(chunk)
+                self._remaining(url, deadline)  # a server trickling bytes meets the budget
+        except httpx.HTTPError as exc:
+            raise self._failure(exc, url) from exc
         return b"".join(chunks)
 
     def _headers(self, url: str) -> dict[str, str]:
         token = self.policy.ls_token
-        if not token or urlsplit(url).netloc != self.ls_netloc:
-            return {}  # the token never leaves for another host
+        if not token or not self._to_label_studio_media(url):
+            return {}  # the token never leaves for another host or a non-media path
         if token.count(".") != 2:  # a legacy token; a personal access token is a JWT
             return {"Authorization": f"Token {token}"}
         return {"Authorization": self._access_header(token)}
+
+    def _to_label_studio_media(self, url: str) -> bool:
+        """True when ``url`` is on Label Studio's origin and one of its media paths."""
+        if self.ls_origin is None or origin(url) != self.ls_origin:
+            return False
+        path = urlsplit(url).path
+        if not path.startswith(self.ls_prefix + "/"):
+            return False
+        return self._media_path(path[len(self.ls_prefix) :])
 
     def _access_header(self, token: str) -> str:
         """``Bearer <access token>`` for a personal access token (a JWT refresh token).
@@ -162,23 +269,7 @@ class MediaFetcher:
         try:
             header: str = client._client_wrapper.get_headers()["Authorization"]
         except Exception as exc:  # an expired or malformed token: say so, without the token
-            raise MediaError(f"Label Studio token refresh failed: {type(exc).__name__}") from exc
+            raise MediaError(
+                f"Label Studio token refresh failed: {type(exc).__name__}", transient=True
+            ) from exc
         return header
-
-    def _check_host(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise MediaError(f"unsupported URL {redact(url)!r}")
-        if self.policy.allow_private or parts.netloc == self.ls_netloc:
-            return
-        try:
-            infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise MediaError(f"cannot resolve {parts.hostname}: {exc}") from exc
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0])
-            if not address.is_global:
-                raise MediaError(
-                    f"{parts.hostname} resolves to the non-public address {address}; set "
-                    "OVSS_ALLOW_PRIVATE_URLS=1 to allow it"
-                )

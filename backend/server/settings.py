@@ -31,10 +31,14 @@ class MediaPolicy:
         ls_token: ``LABEL_STUDIO_API_KEY``: a legacy token or a personal access token.
         local_root: ``/data/local-files/`` paths are read under this folder only; None refuses.
         allow_private: Allow other hosts on private, loopback or link-local addresses.
+        allowed_networks: Networks (CIDR) allowed although private, e.g. a NAS subnet.
         max_bytes: Largest download.
         max_pixels: Largest decoded image (decompression bombs).
         connect_timeout: Seconds to connect.
         read_timeout: Seconds between bytes.
+        download_timeout: Seconds for a whole download, redirects included: a server that
+            trickles bytes cannot hold a worker longer (Label Studio waits 100 s for a whole
+            ``/predict`` request).
         max_redirects: Redirects followed per download.
     """
 
@@ -42,16 +46,20 @@ class MediaPolicy:
     ls_token: str | None = field(default=None, repr=False)
     local_root: Path | None = None
     allow_private: bool = False
+    allowed_networks: tuple[str, ...] = ()
     max_bytes: int = 64 << 20
     max_pixels: int = 80_000_000
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    read_timeout: float = 10.0
+    download_timeout: float = 20.0
     max_redirects: int = 3
 
     @classmethod
     def from_env(cls) -> MediaPolicy:
         """From ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``OVSS_LOCAL_FILES_ROOT``
-        (or ``LOCAL_FILES_DOCUMENT_ROOT``), ``OVSS_ALLOW_PRIVATE_URLS``, ``OVSS_MAX_IMAGE_MB``."""
+        (or ``LOCAL_FILES_DOCUMENT_ROOT``), ``OVSS_ALLOW_PRIVATE_URLS``,
+        ``OVSS_ALLOWED_NETWORKS`` (comma-separated CIDRs), ``OVSS_MAX_IMAGE_MB`` and
+        ``OVSS_DOWNLOAD_TIMEOUT`` (seconds)."""
         root = os.environ.get("OVSS_LOCAL_FILES_ROOT") or os.environ.get(
             "LOCAL_FILES_DOCUMENT_ROOT"
         )
@@ -60,7 +68,11 @@ class MediaPolicy:
             ls_token=os.environ.get("LABEL_STUDIO_API_KEY") or None,
             local_root=Path(root) if root else None,
             allow_private=_env_bool("OVSS_ALLOW_PRIVATE_URLS"),
+            allowed_networks=tuple(
+                n.strip() for n in os.environ.get("OVSS_ALLOWED_NETWORKS", "").split(",") if n
+            ),
             max_bytes=_env_int("OVSS_MAX_IMAGE_MB", 64) << 20,
+            download_timeout=float(os.environ.get("OVSS_DOWNLOAD_TIMEOUT") or 20.0),
         )
 
 
@@ -76,6 +88,8 @@ class ServerSettings:
         data_dir: SQLite event store and (later) checkpoints.
         workers: Tasks predicted in parallel (bounded executor).
         cache_mb: Feature-cache budget shared by all projects.
+        config_cache_mb: Budget of the parsed labeling configs kept (by config size).
+        max_request_mb: Largest request body accepted (413 above).
         basic_user: HTTP basic-auth user (None: no auth).
         basic_password: Its password.
         webhook_token: Shared token Label Studio's webhook may carry as ``?token=``.
@@ -89,6 +103,8 @@ class ServerSettings:
     data_dir: Path = Path("ovss-data")
     workers: int = 2
     cache_mb: int = 1024
+    config_cache_mb: int = 32
+    max_request_mb: int = 100
     basic_user: str | None = None
     basic_password: str | None = field(default=None, repr=False)
     webhook_token: str | None = field(default=None, repr=False)

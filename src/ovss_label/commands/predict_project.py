@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -25,9 +26,7 @@ def run_project(
         client = make_client(url, api_key or "")
     except LabelStudioError as exc:
         raise click.UsageError(str(exc)) from exc
-    base = MediaPolicy.from_env()
-    media = MediaPolicy(ls_url=url, ls_token=api_key, local_root=base.local_root,
-                        allow_private=base.allow_private, max_bytes=base.max_bytes)  # fmt: skip
+    media = replace(MediaPolicy.from_env(), ls_url=url, ls_token=api_key)
     with tempfile.TemporaryDirectory() as scratch:
         settings = ServerSettings(method=method, tiny=tiny, device=device,
                                   data_dir=Path(scratch), workers=1, media=media)  # fmt: skip
@@ -48,7 +47,8 @@ def run_project(
                 raise click.ClickException(
                     f"project {project}: {type(exc).__name__}: {exc}"
                 ) from exc
+    retry = f"{report.retry} failed for now (run again to retry them), " if report.retry else ""
     console.print(
-        f"project {project}: {report.predicted} predicted ({report.empty} empty), "
+        f"project {project}: {report.predicted} predicted ({report.empty} empty), {retry}"
         f"{report.skipped} already had model version {engine.model_version(method)}"
     )

@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from ovss_label.logs import LEVELS, configure_logging
 from ovss_label.methods import METHODS
 
 
@@ -32,21 +34,39 @@ from ovss_label.methods import METHODS
 @click.option("--workers", default=2, show_default=True, help="Tasks predicted in parallel.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--basic-auth-user", envvar="BASIC_AUTH_USER", help="Require HTTP basic auth.")
-@click.option("--basic-auth-pass", envvar="BASIC_AUTH_PASS", help="Its password.")
+@click.option(
+    "--basic-auth-pass",
+    envvar="BASIC_AUTH_PASS",
+    help="Its password; prefer the BASIC_AUTH_PASS variable or --basic-auth-pass-file (a "
+    "command-line password is visible to every local user in the process list).",
+)
+@click.option(
+    "--basic-auth-pass-file",
+    envvar="BASIC_AUTH_PASS_FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the basic-auth password from this file (first line).",
+)
 @click.option(
     "--webhook-token",
     envvar="OVSS_WEBHOOK_TOKEN",
     help="Token Label Studio's webhook URL may carry as ?token= (with basic auth on).",
 )
 @click.option("--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing).")
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Query strings, tokens and auth headers are redacted at every level.",
+)
 def serve(host, port, method, data_dir, workers, device, basic_auth_user, basic_auth_pass,
-          webhook_token, tiny, log_level) -> None:  # fmt: skip
+          basic_auth_pass_file, webhook_token, tiny, log_level) -> None:  # fmt: skip
     """Serve Label Studio's ML-backend protocol (/health, /setup, /predict, /webhook).
 
     Task media: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for uploads and cloud storage,
-    OVSS_LOCAL_FILES_ROOT for /data/local-files/, OVSS_ALLOW_PRIVATE_URLS=1 to download from
-    private addresses other than Label Studio's.
+    OVSS_LOCAL_FILES_ROOT for /data/local-files/, OVSS_ALLOW_PRIVATE_URLS=1 (or
+    OVSS_ALLOWED_NETWORKS=10.0.0.0/8,...) to download from private addresses other than Label
+    Studio's, OVSS_DOWNLOAD_TIMEOUT for the budget of one download (20 s).
     """
     import uvicorn
 
@@ -54,14 +74,29 @@ def serve(host, port, method, data_dir, workers, device, basic_auth_user, basic_
 
     if tiny:
         os.environ["OVSS_TINY"] = "1"
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    settings = ServerSettings(
-        method=method, tiny=tiny, device=device, data_dir=data_dir, workers=workers,
-        basic_user=basic_auth_user, basic_password=basic_auth_pass, webhook_token=webhook_token,
-        media=MediaPolicy.from_env(),
-    )  # fmt: skip
+    configure_logging(log_level)
+    for name in ("basic_auth_pass", "webhook_token"):
+        if click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            logging.getLogger(__name__).warning(
+                "--%s on the command line is visible in the process list; use its environment "
+                "variable or a file instead",
+                name.replace("_", "-"),
+            )
+    if basic_auth_pass_file is not None:
+        basic_auth_pass = (basic_auth_pass_file.read_text(encoding="utf-8").splitlines() or [""])[0]
+    if basic_auth_user and not basic_auth_pass:
+        raise click.UsageError("--basic-auth-user needs a password (BASIC_AUTH_PASS or a file)")
+    try:
+        media = MediaPolicy.from_env()
+        settings = ServerSettings(
+            method=method, tiny=tiny, device=device, data_dir=data_dir, workers=workers,
+            basic_user=basic_auth_user, basic_password=basic_auth_pass,
+            webhook_token=webhook_token, media=media,
+        )  # fmt: skip
+        engine = Engine(settings)
+    except ValueError as exc:  # e.g. OVSS_ALLOWED_NETWORKS that is not a network
+        raise click.ClickException(str(exc)) from exc
     # One process: models load once and are shared by threads (no fork after CUDA init).
-    uvicorn.run(create_app(Engine(settings)), host=host, port=port, log_level=log_level,
+    # log_config=None: uvicorn's loggers propagate to the root handlers and their redaction.
+    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, log_config=None,
                 access_log=False)  # fmt: skip

@@ -1,0 +1,116 @@
+"""What a labeling config tells the server, parsed once per config and kept within a byte budget.
+
+Label Studio sends the whole labeling config with every ``/setup`` and ``/predict`` (and with
+every webhook), and ``/setup`` runs before every prediction request. A config can be large (a
+10,000-label ontology is ~0.3 MB of XML; we have seen 10 MB), so it is parsed once, by one
+``LabelInterface``, and the parse is cached. The cache is bounded by bytes, not by a count of
+configs: 64 small configs and 64 ten-megabyte ones are not the same memory.
+
+The method of a project: the ``ovss_method`` attribute of its BrushLabels/PolygonLabels
+control (e.g. ``<BrushLabels name="tag" toName="image" ovss_method="naclip+sam">``), else the
+server default. The vocabulary: the config's labels with their ``predicted_values``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ovss_label.methods import METHODS
+from ovss_label.ontologies import Vocabulary
+
+from ..predict import Output
+
+
+@dataclass(frozen=True)
+class Project:
+    """What a labeling config tells the server: method, vocabulary, result controls."""
+
+    method: str
+    vocabulary: Vocabulary
+    output: Output
+
+
+def parse_project(label_config: str, default_method: str) -> Project:
+    """The project's method, vocabulary and controls (one parse); ValueError names what is
+    missing or wrong."""
+    from label_studio_sdk.label_interface.interface import LabelInterface
+
+    if not isinstance(label_config, str) or not label_config.strip():
+        raise ValueError("the request has no label_config")
+    try:
+        interface = LabelInterface(label_config)
+    except Exception as exc:  # the SDK raises its own types for XML and schema errors
+        raise ValueError(f"cannot parse the labeling config: {exc}") from exc
+    output = Output.from_interface(interface, None)
+    method = default_method
+    for control in interface.controls:
+        chosen = control.attr.get("ovss_method") if hasattr(control, "attr") else None
+        if chosen:
+            method = str(chosen)
+    if method not in METHODS:
+        raise ValueError(f"ovss_method {method!r} is not one of {', '.join(METHODS)}")
+    return Project(method, Vocabulary.from_interface(interface), output)
+
+
+def _cost(label_config: str, project: Project | ValueError) -> int:
+    """Bytes an entry holds, roughly: the config text plus its vocabulary's strings."""
+    size = len(label_config)
+    if isinstance(project, Project):
+        vocabulary = project.vocabulary
+        size += sum(len(n) + 64 for n in vocabulary.names)
+        size += sum(len(s) + 64 for group in vocabulary.synonyms for s in group)
+    return size
+
+
+class ProjectCache:
+    """LRU of parsed configs (and of refusals: a bad config is not parsed again per request),
+    at most ``max_bytes`` in total; an entry larger than the budget is not kept. Thread-safe."""
+
+    def __init__(self, default_method: str, max_bytes: int = 32 << 20) -> None:
+        self.default_method = default_method
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[Project | ValueError, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently held (by :func:`_cost`)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, label_config: str) -> Project:
+        """The parsed project; raises the config's ValueError (cached too)."""
+        with self._lock:
+            entry = self._items.get(label_config)
+            if entry is not None:
+                self._items.move_to_end(label_config)
+        if entry is None:
+            entry = self._parse(label_config)
+            self._put(label_config, entry)
+        if isinstance(entry[0], ValueError):
+            raise entry[0]
+        return entry[0]
+
+    def _parse(self, label_config: str) -> tuple[Project | ValueError, int]:
+        try:
+            parsed: Project | ValueError = parse_project(label_config, self.default_method)
+        except ValueError as exc:
+            parsed = ValueError(str(exc))  # without its traceback: cached, raised again
+        return parsed, _cost(label_config, parsed)
+
+    def _put(self, label_config: str, entry: tuple[Project | ValueError, int]) -> None:
+        if entry[1] > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(label_config, None)
+            self._bytes -= old[1] if old else 0
+            self._items[label_config] = entry
+            self._bytes += entry[1]
+            while self._bytes > self.max_bytes:
+                _, (_, size) = self._items.popitem(last=False)
+                self._bytes -= size
