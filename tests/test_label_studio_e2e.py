@@ -15,7 +15,10 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -89,7 +92,8 @@ def stack(tmp_path_factory):
     )  # fmt: skip
     ls_url = f"http://127.0.0.1:{ls_port}"
     ml_env = {**os.environ, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
-              "OVSS_OFFLINE": "1"}  # fmt: skip
+              "OVSS_OFFLINE": "1",
+              "OVSS_ALLOWED_NETWORKS": "127.0.0.0/8"}  # the flaky image host below  # fmt: skip
     data_dir = work / "ml-data"
     ml = subprocess.Popen(
         [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--port",
@@ -170,3 +174,67 @@ def test_batch_job_writes_back_once_and_resumes(stack):
     predictions = http.get("/api/predictions/", params={"project": project.id}).json()
     assert len(predictions) == 2 and len({p["task"] for p in predictions}) == 2
     assert all(p["model_version"].startswith("ovss-label-") for p in predictions)
+
+
+class _FlakyImages:
+    """An image host: ``/flaky.png`` answers 503 the first time, then the image;
+    ``/text.png`` is never an image. Counts requests per path."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host.seen[self.path] += 1
+                if self.path == "/flaky.png" and host.seen[self.path] == 1:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                body = _png(20) if self.path == "/flaky.png" else b"<html>no image</html>"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_a_transient_failure_is_asked_again_and_a_permanent_one_is_not(stack):
+    """Label Studio stores nothing for a task whose image failed for now (a 503), so the next
+    "Retrieve predictions" asks again and it gets one; an image that is not an image gets one
+    empty prediction, and Label Studio does not ask for it again."""
+    from label_studio_sdk.client import LabelStudio
+
+    ls_url, ml_url, _ = stack
+    images = _FlakyImages()
+    client = LabelStudio(base_url=ls_url, api_key=TOKEN)
+    project = client.projects.create(title="ovss retry", label_config=CONFIG)
+    http = httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    tasks = [{"image": f"{images.url}/flaky.png"}, {"image": f"{images.url}/text.png"}]
+    http.post(f"/api/projects/{project.id}/import", json=tasks).raise_for_status()
+    client.ml.create(project=project.id, url=ml_url, title="ovss-label")
+    action = f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}"
+
+    def predictions() -> dict[str, list[dict]]:
+        found = {}
+        for task in client.tasks.list(project=project.id, fields="all"):
+            name = task.data["image"].rsplit("/", 1)[1]
+            found[name] = http.get("/api/predictions/", params={"task": task.id}).json()
+        return found
+
+    http.post(action, json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status()
+    first = predictions()
+    assert first["flaky.png"] == [] and len(first["text.png"]) == 1
+    assert first["text.png"][0]["result"] == []
+    http.post(action, json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status()
+    second = predictions()
+    assert len(second["flaky.png"]) == 1 and second["flaky.png"][0]["result"]
+    assert len(second["text.png"]) == 1  # stored once, not asked again
+    assert images.seen == {"/flaky.png": 2, "/text.png": 1}
+    images.server.shutdown()
