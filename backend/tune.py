@@ -177,7 +177,7 @@ def _samples(
 
 def tuned_path(name: str) -> Path:
     """Where a tuned configuration named ``name`` lives."""
-    from .models.clip_text import cache_dir
+    from .models.weights import cache_dir
 
     return cache_dir() / "tuned" / f"{name}.json"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from label_studio_sdk.label_interface.interface import LabelInterface
 from PIL import Image
 from pycocotools.coco import COCO
 
+from ovss_label.backend.models.fingerprints import short_fingerprint
+from ovss_label.backend.models.weights import get_spec
 from ovss_label.backend.predict import collect_images, local_files_url
 from ovss_label.cli import cli
 
@@ -35,6 +38,10 @@ def photos(tmp_path_factory) -> Path:
     exif[0x0112] = 6  # rotate 90 degrees on display: stored 80x48 shows as 48x80
     Image.new("RGB", (80, 48), (200, 30, 30)).save(folder / "rotated.jpg", exif=exif)
     return folder
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _predict(args):
@@ -59,7 +66,8 @@ def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path, method):
         assert task["data"]["image"].startswith("/data/local-files/?d=")
         prediction = task["predictions"][0]
         assert prediction["model_version"].startswith(f"{method.split('+')[0]}-clip_tiny")
-        assert prediction["model_version"].endswith("+sam_tiny") == (method == "naclip+sam")
+        # Twins load no file: their weights fingerprint is "tiny" (-wtiny).
+        assert prediction["model_version"].endswith("+sam_tiny-wtiny") == (method == "naclip+sam")
         assert interface.validate_prediction(prediction)
         assert prediction["result"], task["data"]["image"]
         assert {r["type"] for r in prediction["result"]} == {"brushlabels", "polygonlabels"}
@@ -129,6 +137,10 @@ def test_predict_uses_real_weights_from_the_weights_dir(
     assert "MEANINGLESS" not in result.output
     version = json.loads(out.read_text())[0]["predictions"][0]["model_version"]
     assert version.startswith("naclip-clip_vit_b16")
+    # Not the published ViT-B-16.pt: the version must not pass for the published model's.
+    published = short_fingerprint([get_spec("clip_vit_b16").sha256])
+    assert version.endswith("-w" + short_fingerprint([_sha256(weights / "ViT-B-16.pt")]))
+    assert not version.endswith("-w" + published)
 
 
 def test_predict_without_weights_fails_with_one_clear_line(photos, tmp_path):
@@ -216,7 +228,7 @@ def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path, method):
     assert len(tasks) == 1 and "broken.jpg" in result.output
     prediction = tasks[0]["predictions"][0]
     assert prediction["model_version"].startswith("pnp_ovss-blip_tiny")
-    assert prediction["model_version"].endswith("+sam_tiny") == method.endswith("+sam")
+    assert prediction["model_version"].endswith("+sam_tiny-wtiny") == method.endswith("+sam")
     config = (tmp_path / "tasks.label_config.xml").read_text()
     assert LabelInterface(config).validate_prediction(prediction)
     assert (

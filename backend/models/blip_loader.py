@@ -27,7 +27,8 @@ import torch
 
 from .blip import BLIP_HUB_IDS, ENC_TOKEN, build_tiny_blip
 from .clip import tiny_requested, warn_tiny
-from .weights import MissingWeightError, offline, weights_dir
+from .fingerprints import TINY, published_fingerprint, weight_fingerprint
+from .weights import MissingWeightError, find_weight, get_spec, offline, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,15 @@ class LoadedBlip:
         tokenizer: A BERT tokenizer that knows ``[ENC]``.
         name: Weight name or ``blip_tiny``.
         tiny: True for the random tiny twin.
+        file_fingerprint: The snapshot's fingerprint (``fingerprints.py``), ``"tiny"`` for a
+            random twin; proposers put it in their ``model_version``.
     """
 
     model: Any
     tokenizer: Any
     name: str
     tiny: bool
+    file_fingerprint: str = TINY
 
 
 def tiny_tokenizer() -> Any:
@@ -90,7 +94,7 @@ def load_blip(
     _lavis_conventions(loaded, processor_tokenizer, lavis_ln_eps)
     loaded.eval()
     loaded.to(device)
-    return LoadedBlip(loaded, processor_tokenizer, name, False)
+    return LoadedBlip(loaded, processor_tokenizer, name, False, _fingerprint(name, source))
 
 
 def _source(name: str, path: str | os.PathLike[str] | None) -> str:
@@ -109,6 +113,14 @@ def _source(name: str, path: str | os.PathLike[str] | None) -> str:
             "OVSS_OFFLINE) so the Hugging Face hub fetches it"
         )
     return hub_id
+
+
+def _fingerprint(name: str, source: str) -> str:
+    """The loaded snapshot's fingerprint: the folder's, or for a hub id the hub cache's
+    snapshot that ``from_pretrained`` read (the published one if it cannot be found)."""
+    spec = get_spec(name)
+    folder = Path(source) if Path(source).is_dir() else find_weight(spec)
+    return weight_fingerprint(spec, folder) if folder is not None else published_fingerprint(spec)
 
 
 def _lavis_conventions(model: Any, tokenizer: Any, lavis_ln_eps: bool) -> None:

@@ -26,6 +26,7 @@ from open_clip import get_model_config, get_tokenizer
 from open_clip.model import CLIP
 
 from .checkpoints import apply_filters, load_into, read_state_dict
+from .fingerprints import TINY, weight_fingerprint
 from .weights import OPENAI_MEAN, OPENAI_STD, get_spec, resolve_weight
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class LoadedClip:
         std: RGB normalisation std in [0, 1] units.
         patch_size: Vision patch size in pixels.
         text_fingerprint: Hash of the text tower's weights; keys the text-embedding disk cache.
+        file_fingerprint: The weight file's fingerprint (``fingerprints.py``), ``"tiny"`` for
+            a random twin; proposers put it in their ``model_version``.
     """
 
     model: CLIP
@@ -97,6 +100,7 @@ class LoadedClip:
     std: tuple[float, float, float]
     patch_size: int
     text_fingerprint: str
+    file_fingerprint: str = TINY
 
     @property
     def device(self) -> torch.device:
@@ -139,21 +143,25 @@ def build_clip(
     if name not in CLIP_ARCHS and name != TINY_NAME:
         raise ValueError(f"unknown CLIP {name!r}; known: {', '.join([*CLIP_ARCHS, TINY_NAME])}")
     tiny = tiny_requested() if tiny is None else tiny
+    fingerprint = TINY
     if tiny or name == TINY_NAME:
         model = _create_clip(TINY_CLIP_CFG)
         if checkpoint is not None:
             _load_weights(model, Path(checkpoint))
+            fingerprint = weight_fingerprint(None, Path(checkpoint))
         else:
             warn_tiny(f"CLIP twin of {name}")
         name, mean, std = TINY_NAME, OPENAI_MEAN, OPENAI_STD
     else:
         spec = get_spec(name)
         model = _create_clip(_openai_cfg(CLIP_ARCHS[name]))
-        _load_weights(model, resolve_weight(spec, checkpoint))
+        path = resolve_weight(spec, checkpoint)
+        _load_weights(model, path)
+        fingerprint = weight_fingerprint(spec, path)
         mean, std = spec.mean, spec.std
     model = model.to(device)
     patch = model.visual.conv1.kernel_size[0]
-    return LoadedClip(model, name, tiny, mean, std, patch, text_fingerprint(model))
+    return LoadedClip(model, name, tiny, mean, std, patch, text_fingerprint(model), fingerprint)
 
 
 def _load_weights(model: CLIP, path: Path) -> None:

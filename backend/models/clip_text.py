@@ -15,7 +15,6 @@ machine; ``OVSS_CACHE_DIR`` (default ``~/.cache/ovss-label``) says where.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -30,15 +29,10 @@ from numpy.typing import NDArray
 from ovss_label.ontologies import Vocabulary
 
 from .clip import LoadedClip, clip_tokenizer
+from .weights import cache_dir as cache_dir  # re-exported: it lived here first
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """``$OVSS_CACHE_DIR`` or ``~/.cache/ovss-label``."""
-    configured = os.environ.get("OVSS_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ovss-label"
 
 
 @torch.no_grad()

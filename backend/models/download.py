@@ -2,7 +2,8 @@
 
 A download streams to ``<file>.part`` next to the target, checks the sha256 and only then
 renames, so an interrupted or corrupt download never leaves a file that resolution would pick
-up.
+up. A file already under the target name that is not the published one (a user's fine-tuned
+weights, say) is never replaced without ``force``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from .fingerprints import file_sha256, remember_sha256
 from .weights import WeightSpec, sha256_file, weights_dir
 
 Progress = Callable[[int, int | None], None]
@@ -23,6 +25,10 @@ Progress = Callable[[int, int | None], None]
 
 class DownloadError(RuntimeError):
     """A download failed or its sha256 did not match; nothing was written."""
+
+
+class ForeignFileError(DownloadError):
+    """The target holds another file than the published one; nothing was downloaded."""
 
 
 def pull(
@@ -40,19 +46,27 @@ def pull(
         dest_dir: Target directory, created if needed.
         client: The HTTP client (tests pass one with a mock transport).
         progress: Optional progress callback.
-        force: Download even if a file with the right sha256 is already there.
+        force: Download even if a file is already there, replacing it if it is not the
+            published one.
 
     Returns:
         The downloaded (or already present and verified) file.
 
     Raises:
+        ForeignFileError: The target exists with another sha256 and ``force`` is off.
         DownloadError: HTTP error, or the sha256 of the received bytes is wrong.
     """
     if spec.format == "hf_hub":
         return _pull_snapshot(spec, dest_dir or weights_dir())
     target = (dest_dir or weights_dir()) / spec.file
-    if target.is_file() and not force and sha256_file(target) == spec.sha256:
-        return target
+    if target.is_file() and not force:
+        present = file_sha256(target)
+        if present == spec.sha256:
+            return target
+        raise ForeignFileError(
+            f"{target} is not the published {spec.file}: sha256 {present[:12]}... vs published "
+            f"{spec.sha256[:12]}...; it was left as it is (--force to replace it)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     own_client = client is None
@@ -72,6 +86,7 @@ def pull(
             "nothing was written"
         )
     os.replace(part, target)
+    remember_sha256(target, digest)  # its bytes were just hashed: never read them again
     return target
 
 

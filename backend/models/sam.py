@@ -29,6 +29,7 @@ from segment_anything.modeling import (
 
 from .checkpoints import apply_filters, load_into, read_state_dict
 from .clip import tiny_requested, warn_tiny
+from .fingerprints import TINY, weight_fingerprint
 from .weights import get_spec, resolve_weight
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,14 @@ class LoadedSam:
         model: ``segment_anything.modeling.Sam`` in eval mode, fp32.
         name: Weight-table name (``sam_vit_b``) or ``sam_tiny``.
         tiny: True for the random tiny twin.
+        file_fingerprint: The weight file's fingerprint (``fingerprints.py``), ``"tiny"`` for
+            a random twin; proposers put it in their ``model_version``.
     """
 
     model: Sam
     name: str
     tiny: bool
+    file_fingerprint: str = TINY
 
     @cached_property
     def fingerprint(self) -> str:
@@ -182,14 +186,18 @@ def build_sam(
     tiny = tiny_requested() if tiny is None else tiny
     if tiny or name == TINY_NAME:
         model = _create_sam(TINY_SAM_CFG)
+        fingerprint = TINY
         if checkpoint is not None:
             _load_weights(model, Path(checkpoint))
+            fingerprint = weight_fingerprint(None, Path(checkpoint))
         else:
             warn_tiny(f"SAM twin of {name}")
-        return LoadedSam(model.to(device), TINY_NAME, True)
+        return LoadedSam(model.to(device), TINY_NAME, True, fingerprint)
+    spec = get_spec(name)
     model = _create_sam(SAM_ARCHS[name])
-    _load_weights(model, resolve_weight(get_spec(name), checkpoint))
-    return LoadedSam(model.to(device), name, False)
+    path = resolve_weight(spec, checkpoint)
+    _load_weights(model, path)
+    return LoadedSam(model.to(device), name, False, weight_fingerprint(spec, path))
 
 
 def _load_weights(model: Sam, path: Path) -> None:

@@ -139,6 +139,12 @@ class MissingWeightError(FileNotFoundError):
     """A checkpoint was not found; the message says where to get it, in one line."""
 
 
+def cache_dir() -> Path:
+    """``$OVSS_CACHE_DIR`` or ``~/.cache/ovss-label``: text embeddings, file fingerprints."""
+    configured = os.environ.get("OVSS_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ovss-label"
+
+
 def weights_dir() -> Path:
     """The weights directory: ``$OVSS_WEIGHTS_DIR`` or ``~/.cache/ovss-label/weights``."""
     configured = os.environ.get("OVSS_WEIGHTS_DIR")
@@ -177,7 +183,7 @@ def resolve_weight(spec: WeightSpec, path: str | os.PathLike[str] | None = None)
         path: An explicit file; when given it must exist (it is never silently skipped).
 
     Returns:
-        An existing file path.
+        An existing file path (a folder for a hub snapshot).
 
     Raises:
         MissingWeightError: The explicit path does not exist, or the weight is found nowhere
@@ -188,15 +194,41 @@ def resolve_weight(spec: WeightSpec, path: str | os.PathLike[str] | None = None)
         if not explicit.is_file():
             raise MissingWeightError(f"weight file {explicit} does not exist ({spec.name})")
         return explicit
+    found = find_weight(spec)
+    if found is not None:
+        return found
+    if offline():
+        raise MissingWeightError(missing_message(spec) + " (downloads are off: OVSS_OFFLINE)")
+    return _library_download(spec)
+
+
+def find_weight(spec: WeightSpec) -> Path | None:
+    """Where ``spec`` is on this machine without downloading (steps 2-3 of the module
+    docstring), or None.
+
+    A file for a file weight; for a hub snapshot (``format="hf_hub"``) the folder
+    ``$OVSS_WEIGHTS_DIR/<name>`` when it has a ``config.json``, else the hub cache's snapshot
+    (where ``transformers`` finds it by hub id).
+    """
     local = weights_dir() / spec.file
+    if spec.format == "hf_hub":
+        return local if (local / "config.json").is_file() else _hub_snapshot(spec.hub_id)
     if local.is_file():
         return local
     cached = _library_cache(spec)
     if cached is not None and cached.is_file():  # downloaded by open_clip before: no network
         return cached
-    if offline():
-        raise MissingWeightError(missing_message(spec) + " (downloads are off: OVSS_OFFLINE)")
-    return _library_download(spec)
+    return None
+
+
+def _hub_snapshot(hub_id: str) -> Path | None:
+    """The hub cache's snapshot folder of ``hub_id`` (revision ``main``), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # a dependency of transformers; only odd installs lack it
+        return None
+    found = try_to_load_from_cache(hub_id, "config.json")
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def _library_cache(spec: WeightSpec) -> Path | None:

@@ -38,6 +38,7 @@ from ovss_label.ontologies import Vocabulary
 
 from ..models.clip import LoadedClip, build_clip
 from ..models.clip_text import TextEncoder
+from ..models.fingerprints import short_fingerprint
 from ..models.naclip_vit import clip_cls_and_naclip_tokens
 from ..models.sam import LoadedSam, build_sam
 from . import fmbseg
@@ -108,7 +109,8 @@ class ClipSamProposer(Proposer):
 
     @property
     def model_version(self) -> str:
-        return f"clip_sam-{self.clip.name}-{self.sam.name}-v{__version__}"
+        weights = short_fingerprint([self.clip.file_fingerprint, self.sam.file_fingerprint])
+        return f"clip_sam-{self.clip.name}-{self.sam.name}-v{__version__}-w{weights}"
 
     @property
     def cache_key(self) -> str:

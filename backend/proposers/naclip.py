@@ -47,6 +47,7 @@ from ovss_label.ontologies import Vocabulary, load
 
 from ..models.clip import LoadedClip, build_clip
 from ..models.clip_text import TextEncoder
+from ..models.fingerprints import short_fingerprint
 from ..models.naclip_vit import naclip_tokens
 from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
 from .cache import FeatureCache, image_key
@@ -98,7 +99,11 @@ class NaclipProposer(Proposer):
     @property
     def model_version(self) -> str:
         c = self.config
-        return f"naclip-{self.clip.name}-std{c.gaussian_std:g}-pamr{c.pamr_steps}-v{__version__}"
+        weights = short_fingerprint([self.clip.file_fingerprint])  # which file, not only its name
+        return (
+            f"naclip-{self.clip.name}-std{c.gaussian_std:g}-pamr{c.pamr_steps}-v{__version__}"
+            f"-w{weights}"
+        )
 
     @property
     def cache_key(self) -> str:

@@ -42,6 +42,7 @@ from ovss_label.ontologies import Vocabulary
 
 from ..models.blip import encode_caption, itm_gradcam
 from ..models.blip_loader import LoadedBlip, load_blip
+from ..models.fingerprints import short_fingerprint
 from ..models.weights import OPENAI_MEAN, OPENAI_STD
 from . import pnp
 from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
@@ -103,8 +104,12 @@ class PnpOvssProposer(Proposer):
     @property
     def model_version(self) -> str:
         c = self.config
+        files = [self.blip.file_fingerprint]
+        if self.presence is not None:  # the CLIP presence filter's weights decide too
+            files.append(self.presence.clip.file_fingerprint)
         return (
             f"pnp_ovss-{self.blip.name}-L{c.layer}H{c.head}-{c.drop_rule}{c.rounds}-v{__version__}"
+            f"-w{short_fingerprint(files)}"
         )
 
     def encode(self, image: NDArray[Any]) -> Features:

@@ -32,6 +32,7 @@ from numpy.typing import NDArray
 from ovss_label.converters import Instance
 from ovss_label.ontologies import Vocabulary
 
+from ..models.fingerprints import short_fingerprint
 from ..models.sam import LoadedSam, build_sam
 from .base import BACKGROUND, Features, Proposal, Proposer, create_proposer, register_proposer
 from .cache import FeatureCache, image_key
@@ -121,7 +122,8 @@ class SamRefined(Proposer):
 
     @property
     def model_version(self) -> str:
-        return f"{self.dense.model_version}+{self.sam.name}"
+        weights = short_fingerprint([self.sam.file_fingerprint])
+        return f"{self.dense.model_version}+{self.sam.name}-w{weights}"
 
     @property
     def cache_key(self) -> str:

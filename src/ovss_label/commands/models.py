@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.console import Console
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
@@ -15,23 +17,44 @@ def models() -> None:
 
 @models.command("list")
 def list_() -> None:
-    """The weight table and whether each file is in the weights directory."""
+    """The weight table and which file each weight would load: none ("no"), the published
+    one, or another file (its predictions carry another model version)."""
     from ovss_label.backend.models import WEIGHTS, weights_dir
 
     table = Table(title=f"weights in {weights_dir()} (set OVSS_WEIGHTS_DIR)")
     for column in ("name", "file", "MB", "licence", "present", "source"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "present")
     for spec in WEIGHTS.values():
-        present = "yes" if (weights_dir() / spec.file).exists() else "no"
+        present = _presence(spec)
         table.add_row(spec.name, spec.file, str(spec.size_mb), spec.licence, present, spec.url)
     Console().print(table)
 
 
+def _presence(spec: Any) -> str:
+    """``no``, ``published``, ``other <sha256 prefix>``, or ``yes`` for a hub snapshot (the
+    table holds no digest for it). A file is hashed once per machine (cached)."""
+    from ovss_label.backend.models.fingerprints import file_sha256
+    from ovss_label.backend.models.weights import find_weight
+
+    found = find_weight(spec)
+    if found is None:
+        return "no"
+    if found.is_dir():
+        return "yes"
+    digest = file_sha256(found)
+    return "published" if digest == spec.sha256 else f"[red]other {digest[:8]}[/]"
+
+
 @models.command("pull")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Download even if a verified file is present.")
+@click.option(
+    "--force", is_flag=True, help="Download even if a file is present, replacing another file."
+)
 def pull(names: tuple[str, ...], force: bool) -> None:
-    """Download weights into the weights directory, checking their sha256."""
+    """Download weights into the weights directory, checking their sha256.
+
+    A file already there that is not the published one is left alone unless --force.
+    """
     from ovss_label.backend.models import get_spec
     from ovss_label.backend.models.download import DownloadError
     from ovss_label.backend.models.download import pull as fetch
