@@ -39,6 +39,7 @@ from ovss_label.logs import redact_text
 from ovss_label.methods import METHODS
 from ovss_label.ontologies import Vocabulary
 
+from ..models.fingerprints import method_fingerprint
 from ..models.sam import LoadedSam, build_sam
 from ..proposers import (
     FeatureCache,
@@ -85,8 +86,12 @@ class Engine:
         return EventStore(self.settings.data_dir / "events.sqlite")
 
     def model_version(self, method: str) -> str:
-        """What ``/setup`` reports and every prediction of ``method`` carries."""
-        return f"ovss-label-{__version__}-{method}{'-tiny' if self.settings.tiny else ''}"
+        """What ``/setup`` reports and every prediction of ``method`` carries: the method and
+        a fingerprint of the weight files it loads (another file under an official name is
+        another version), computed without loading a model (``/setup`` has 3 s)."""
+        s = self.settings
+        fingerprint = method_fingerprint(method, sam_model=s.sam_model, tiny=s.tiny)
+        return f"ovss-label-{__version__}-{method}-{fingerprint}"
 
     def proposer(self, method: str) -> Proposer:
         """The method's proposer, built once per process (thread-safe).
@@ -100,6 +105,7 @@ class Engine:
                 options["device"] = self.settings.device
                 if method in _SAM_METHODS:
                     options["feature_cache"] = self.cache
+                    options["sam_model"] = self.settings.sam_model
                 with _unavailable(method):
                     self._proposers[method] = create_proposer(method, **options)
             return self._proposers[method]

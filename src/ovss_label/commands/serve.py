@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from ovss_label.logs import LEVELS, configure_logging
-from ovss_label.methods import METHODS
+from ovss_label.methods import METHODS, SAM_MODELS
 
 
 @click.command("serve")
@@ -22,6 +22,13 @@ from ovss_label.methods import METHODS
     default="naclip",
     show_default=True,
     help="Default method; a project picks another with ovss_method on its control.",
+)
+@click.option(
+    "--sam-model",
+    type=click.Choice(SAM_MODELS),
+    default="sam_vit_b",
+    show_default=True,
+    help="SAM for interactive clicks and the +sam methods.",
 )
 @click.option(
     "--data-dir",
@@ -59,8 +66,10 @@ from ovss_label.methods import METHODS
     show_default=True,
     help="Query strings, tokens and auth headers are redacted at every level.",
 )
-def serve(host, port, method, data_dir, workers, device, basic_auth_user, basic_auth_pass,
-          basic_auth_pass_file, webhook_token, tiny, log_level) -> None:  # fmt: skip
+def serve(
+    host, port, method, sam_model, data_dir, workers, device, basic_auth_user, basic_auth_pass,
+    basic_auth_pass_file, webhook_token, tiny, log_level,
+) -> None:  # fmt: skip
     """Serve Label Studio's ML-backend protocol (/health, /setup, /predict, /webhook).
 
     Task media: LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for uploads and cloud storage,
@@ -70,6 +79,7 @@ def serve(host, port, method, data_dir, workers, device, basic_auth_user, basic_
     """
     import uvicorn
 
+    from ovss_label.backend.models.fingerprints import warm_fingerprints
     from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings, create_app
 
     if tiny:
@@ -89,13 +99,16 @@ def serve(host, port, method, data_dir, workers, device, basic_auth_user, basic_
     try:
         media = MediaPolicy.from_env()
         settings = ServerSettings(
-            method=method, tiny=tiny, device=device, data_dir=data_dir, workers=workers,
+            method=method, sam_model=sam_model, tiny=tiny, device=device, data_dir=data_dir,
+            workers=workers,
             basic_user=basic_auth_user, basic_password=basic_auth_pass,
             webhook_token=webhook_token, media=media,
         )  # fmt: skip
         engine = Engine(settings)
     except ValueError as exc:  # e.g. OVSS_ALLOWED_NETWORKS that is not a network
         raise click.ClickException(str(exc)) from exc
+    # Hash the weight files now (once per machine and file): /setup has 3 s to answer.
+    warm_fingerprints(METHODS, sam_model, tiny=tiny)
     # One process: models load once and are shared by threads (no fork after CUDA init).
     # log_config=None: uvicorn's loggers propagate to the root handlers and their redaction.
     uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, log_config=None,
