@@ -294,3 +294,27 @@ def test_parse_project_reads_the_config_once(monkeypatch):
     monkeypatch.setattr(sdk.LabelInterface, "__init__", counting)
     project = parse_project(CONFIG, "naclip")
     assert project.vocabulary.names == ("Cat", "Dog") and len(parses) == 1
+
+
+def test_setup_reports_the_weight_file_that_would_be_loaded(
+    tmp_path, tiny_checkpoints, monkeypatch
+):
+    """Another file under the official name is another model_version, known before any model
+    is loaded (Label Studio gives /setup 3 s)."""
+    import shutil
+
+    import ovss_label.backend.server.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "create_proposer", lambda *a, **k: pytest.fail("loaded"))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setenv("OVSS_WEIGHTS_DIR", str(weights))
+    engine = Engine(ServerSettings(data_dir=tmp_path / "data"))
+    http = TestClient(create_app(engine))
+    published = http.post("/setup", json={"schema": CONFIG}).json()["model_version"]
+    shutil.copy(tiny_checkpoints["openai"], weights / "ViT-B-16.pt")  # not the published file
+    other = http.post("/setup", json={"schema": CONFIG}).json()["model_version"]
+    assert published.startswith("ovss-label-") and published.endswith("-naclip-6fbafc")
+    assert other.startswith("ovss-label-") and other != published
+    assert engine.model_version("naclip+sam") != engine.model_version("naclip")
+    engine.close()
