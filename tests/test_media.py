@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
 from helpers import Host, png_bytes
 
@@ -155,3 +156,34 @@ def test_label_studio_under_a_sub_path():
     fetcher.image("https://example.org/data/upload/3/a.png")  # outside Label Studio's prefix
     assert str(seen[0].url) == "https://example.org/ls/data/upload/3/a.png"
     assert [r.headers.get("authorization") for r in seen] == ["Token secret-token", None]
+
+
+def test_unchanging_images_are_decoded_once(tmp_path, monkeypatch):
+    """Clicks on one task: a local file (until it changes) and a Label Studio upload are
+    decoded once; any other URL is fetched every time (its content may change)."""
+    import os
+
+    import ovss_label.backend.server.media as media
+
+    decodes = []
+    for name in ("load_rgb", "decode_rgb"):
+        real = getattr(media, name)
+        monkeypatch.setattr(
+            media, name, lambda *a, real=real, **k: decodes.append(1) or real(*a, **k)
+        )
+    (tmp_path / "a.png").write_bytes(png_bytes(1))
+    seen, transport = _recording()
+    policy = MediaPolicy(ls_url="http://ls.test", ls_token="t", local_root=tmp_path)
+    fetcher = MediaFetcher(policy, transport)
+    first = fetcher.image("/data/local-files/?d=a.png")
+    assert fetcher.image("/data/local-files/?d=a.png") is first and len(decodes) == 1
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0, 0] = 1  # shared between requests
+    (tmp_path / "a.png").write_bytes(png_bytes(2))
+    os.utime(tmp_path / "a.png", ns=(1, 1))  # a new version of the file
+    assert not np.array_equal(fetcher.image("/data/local-files/?d=a.png"), first)
+    for _ in range(2):
+        fetcher.image("/data/upload/3/a.png")
+        fetcher.image("http://media.test/a.png")
+    assert [r.url.path for r in seen] == ["/data/upload/3/a.png", "/a.png", "/a.png"]
+    assert len(decodes) == 5

@@ -8,8 +8,6 @@ immutable :class:`Features`, so sharing them between threads is safe.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,6 +15,7 @@ from numpy.typing import NDArray
 
 from ovss_label.ontologies import Vocabulary
 
+from ..lru import ByteLRU
 from .base import Features, Proposal, Proposer
 
 
@@ -36,57 +35,14 @@ def image_key(image: NDArray[Any]) -> str:
     return digest.hexdigest()
 
 
-class FeatureCache:
+class FeatureCache(ByteLRU[tuple[str, str], Features]):
     """LRU of Features keyed by (image hash, proposer key), at most ``max_bytes`` in total.
 
     An entry larger than the whole budget is not stored. ``hits`` and ``misses`` count lookups.
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, str], Features] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __bool__(self) -> bool:
-        # An empty cache is still a cache: `if cache:` must not mean `if cache is not empty`.
-        return True
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes currently held."""
-        return self._bytes
-
-    def get(self, key: tuple[str, str]) -> Features | None:
-        """The entry (now most recently used), or None."""
-        with self._lock:
-            features = self._items.get(key)
-            if features is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return features
-
-    def put(self, key: tuple[str, str], features: Features) -> None:
-        """Stores an entry, evicting least recently used ones to stay within budget."""
-        size = features.nbytes
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            if size > self.max_bytes:
-                return
-            self._items[key] = features
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.nbytes
+        super().__init__(max_bytes, lambda _, features: features.nbytes)
 
     def features(self, proposer: Encoder, image: NDArray[Any]) -> Features:
         """Cached features of ``image``, encoding on a miss.

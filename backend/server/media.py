@@ -21,10 +21,12 @@ other Label Studio path from a task is refused, so a task cannot make the backen
 authenticated request to the API. ``Token`` for a legacy token; for a personal access token (a
 JWT refresh token) the SDK's client refreshes an access token and builds ``Bearer`` with it.
 
-Decoding applies EXIF orientation and a pixel cap. Errors are :class:`MediaError` with a message
-that never contains the token or a URL's query string (presigned URLs carry credentials there),
-and say whether trying again later can help (``transient``: timeouts, connection failures, 5xx,
-429, 401/403, a failed token refresh) or not (not an image, too big, refused URL, 404).
+Decoding applies EXIF orientation and a pixel cap; decoded local files and Label Studio uploads
+are kept in a small byte-bounded cache (clicks on one task decode its image once). Errors are
+:class:`MediaError` with a message that never contains the token or a URL's query string
+(presigned URLs carry credentials there), and say whether trying again later can help
+(``transient``: timeouts, connection failures, 5xx, 429, 401/403, a failed token refresh) or
+not (not an image, too big, refused URL, 404).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from numpy.typing import NDArray
 
 from ovss_label.images import decode_rgb, load_rgb
 
+from ..lru import ByteLRU
 from .netguard import AddressGuard, BlockedAddressError, ResolveError, pinned_transport
 from .settings import MediaPolicy
 
@@ -106,22 +109,44 @@ class MediaFetcher:
             transport=transport or pinned_transport(guard),
             trust_env=False,
         )
+        # A user clicks many times on one task: its image is decoded once. Only images that
+        # cannot change are kept: local files by (path, mtime, size, inode), Label Studio
+        # uploads (unique file names) by URL.
+        self.decoded: ByteLRU[tuple[Any, ...], NDArray[Any]] = ByteLRU(
+            policy.decoded_cache_mb << 20, lambda _, image: int(image.nbytes)
+        )
         self._sdk: Any = None  # built on first use of a personal access token
         self._sdk_lock = threading.Lock()
         # httpx logs every request URL at INFO; presigned URLs carry credentials in the query.
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def image(self, url: object, task_id: int | None = None) -> NDArray[Any]:
-        """(H, W, 3) uint8 RGB of a task's image URL, EXIF orientation applied."""
+        """(H, W, 3) uint8 RGB of a task's image URL, EXIF orientation applied; read-only
+        (decoded images are shared, see :attr:`decoded`)."""
         if not isinstance(url, str) or not url:
             raise MediaError("the task has no image URL")
+        cap = self.policy.max_pixels
         local = self._local_path(url)
         if local is not None:
-            image: NDArray[Any] = load_rgb(local, self.policy.max_pixels)
-            return image
-        data = self.download(self._absolute(url, task_id))
-        decoded: NDArray[Any] = decode_rgb(data, redact(url), self.policy.max_pixels)
-        return decoded
+            stat = local.stat()
+            key = ("file", str(local), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            return self._decoded(key, lambda: load_rgb(local, cap))
+        absolute = self._absolute(url, task_id)
+        upload = self._to_label_studio_media(absolute) and "/data/upload/" in absolute
+        return self._decoded(
+            ("upload", absolute) if upload else None,
+            lambda: decode_rgb(self.download(absolute), redact(url), cap),
+        )
+
+    def _decoded(self, key: tuple[Any, ...] | None, load: Any) -> NDArray[Any]:
+        """The image of ``key`` from :attr:`decoded`, or ``load()`` (kept when ``key``)."""
+        image = self.decoded.get(key) if key is not None else None
+        if image is None:
+            image = load()
+            image.flags.writeable = False  # shared between requests: nobody may change it
+            if key is not None:
+                self.decoded.put(key, image)
+        return image
 
     def _local_path(self, url: str) -> Path | None:
         root = self.policy.local_root

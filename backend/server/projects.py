@@ -13,13 +13,12 @@ server default. The vocabulary: the config's labels with their ``predicted_value
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from ovss_label.methods import METHODS
 from ovss_label.ontologies import Vocabulary
 
+from ..lru import ByteLRU
 from ..predict import Output
 
 
@@ -65,52 +64,22 @@ def _cost(label_config: str, project: Project | ValueError) -> int:
 
 
 class ProjectCache:
-    """LRU of parsed configs (and of refusals: a bad config is not parsed again per request),
-    at most ``max_bytes`` in total; an entry larger than the budget is not kept. Thread-safe."""
+    """Parsed configs (and refusals: a bad config is not parsed again per request) in a
+    :class:`ByteLRU` of ``max_bytes``; thread-safe."""
 
     def __init__(self, default_method: str, max_bytes: int = 32 << 20) -> None:
         self.default_method = default_method
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[Project | ValueError, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes currently held (by :func:`_cost`)."""
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._items)
+        self.parsed: ByteLRU[str, Project | ValueError] = ByteLRU(max_bytes, _cost)
 
     def get(self, label_config: str) -> Project:
         """The parsed project; raises the config's ValueError (cached too)."""
-        with self._lock:
-            entry = self._items.get(label_config)
-            if entry is not None:
-                self._items.move_to_end(label_config)
-        if entry is None:
-            entry = self._parse(label_config)
-            self._put(label_config, entry)
-        if isinstance(entry[0], ValueError):
-            raise entry[0]
-        return entry[0]
-
-    def _parse(self, label_config: str) -> tuple[Project | ValueError, int]:
-        try:
-            parsed: Project | ValueError = parse_project(label_config, self.default_method)
-        except ValueError as exc:
-            parsed = ValueError(str(exc))  # without its traceback: cached, raised again
-        return parsed, _cost(label_config, parsed)
-
-    def _put(self, label_config: str, entry: tuple[Project | ValueError, int]) -> None:
-        if entry[1] > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(label_config, None)
-            self._bytes -= old[1] if old else 0
-            self._items[label_config] = entry
-            self._bytes += entry[1]
-            while self._bytes > self.max_bytes:
-                _, (_, size) = self._items.popitem(last=False)
-                self._bytes -= size
+        parsed = self.parsed.get(label_config)
+        if parsed is None:
+            try:
+                parsed = parse_project(label_config, self.default_method)
+            except ValueError as exc:
+                parsed = ValueError(str(exc))  # without its traceback: cached, raised again
+            self.parsed.put(label_config, parsed)
+        if isinstance(parsed, ValueError):
+            raise parsed
+        return parsed

@@ -40,6 +40,7 @@ class MediaPolicy:
             trickles bytes cannot hold a worker longer (Label Studio waits 100 s for a whole
             ``/predict`` request).
         max_redirects: Redirects followed per download.
+        decoded_cache_mb: Decoded images kept for repeated requests (interactive clicks).
     """
 
     ls_url: str | None = None
@@ -53,6 +54,7 @@ class MediaPolicy:
     read_timeout: float = 10.0
     download_timeout: float = 20.0
     max_redirects: int = 3
+    decoded_cache_mb: int = 256
 
     @classmethod
     def from_env(cls) -> MediaPolicy:
