@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["BrushRLEError", "brush_rle_to_mask", "mask_to_brush_rle"]
+__all__ = ["BrushRLEError", "brush_rle_bytes", "brush_rle_to_mask", "mask_to_brush_rle"]
 
 _HEADER_BITS = 32 + 5 + 4 * 4
 _SDK_RLE_SIZES = (3, 4, 8, 16)
@@ -61,6 +61,12 @@ def mask_to_brush_rle(mask: NDArray[Any]) -> list[int]:
     Returns:
         The RLE bytes as a list of ints in 0..255 (the ``value.rle`` of a ``brushlabels`` result).
     """
+    rle: list[int] = brush_rle_bytes(mask).tolist()
+    return rle
+
+
+def brush_rle_bytes(mask: NDArray[Any]) -> NDArray[np.uint8]:
+    """:func:`mask_to_brush_rle` as a (n_bytes,) uint8 array (no Python ints yet)."""
     values = _as_uint8_mask(mask).ravel()
     if values.size == 0:
         raise ValueError("cannot encode an empty (zero-pixel) mask as brush RLE")
@@ -131,7 +137,9 @@ def _split_long_runs(
     return new_lengths, values[run], forced
 
 
-def _pack(header: list[tuple[int, int]], codes: NDArray[Any], widths: NDArray[Any]) -> list[int]:
+def _pack(
+    header: list[tuple[int, int]], codes: NDArray[Any], widths: NDArray[Any]
+) -> NDArray[np.uint8]:
     """MSB-first bit packing of (code, width <= 32) fields, with the SDK's padding rule.
 
     Every field lands in one or two big-endian 32-bit words; the fields' bits are disjoint, so
@@ -153,8 +161,8 @@ def _pack(header: list[tuple[int, int]], codes: NDArray[Any], widths: NDArray[An
     lo = (codes << (np.uint64(32) - right)) & np.uint64(0xFFFFFFFF)  # 0 when nothing spills
     total = np.bincount(word, weights=hi.astype(np.float64), minlength=n_words)
     total += np.bincount(word + 1, weights=lo.astype(np.float64), minlength=n_words)[:n_words]
-    out = total.astype(np.uint64).astype(">u4").view(np.uint8)
-    return list(out[:n_bytes].tolist())
+    out: NDArray[np.uint8] = total.astype(np.uint64).astype(">u4").view(np.uint8)
+    return out[:n_bytes]
 
 
 def brush_rle_to_mask(

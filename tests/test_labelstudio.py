@@ -178,6 +178,20 @@ def test_region_ids_are_deterministic_and_distinct() -> None:
     assert len({r["id"] for r in a}) == 2
 
 
+@pytest.mark.parametrize("names", [("brush", "cat"), ("b'r\"sh", "Ünï 猫"), ("", "")])
+def test_brush_ids_are_region_id_of_the_rle_list(names: tuple[str, str]) -> None:
+    """Brush ids hash numpy-built text; it must be ``repr`` of the list, whatever the names."""
+    from ovss_label.converters.labelstudio import _uint8_list_repr, region_id
+
+    rng = np.random.default_rng(0)
+    for values in ([], [0], [255, 7, 10, 100], rng.integers(0, 256, 5000).tolist()):
+        assert _uint8_list_repr(np.array(values, np.uint8)) == repr(values).encode()
+    noisy = rng.random((H, W)) < 0.4  # many runs: a long RLE with values of every width
+    for mask in (noisy, disc(H, W, 20, 20, 8)):
+        (result,) = instance_to_results(Instance(mask, names[1]), brush_name=names[0])
+        assert result["id"] == region_id(names[0], names[1], result["value"]["rle"])
+
+
 def test_predictions_validate_against_the_label_config() -> None:
     interface = LabelInterface(LABEL_CONFIG.read_text())
     insts = [

@@ -124,3 +124,149 @@ def test_one_sam_encoder_pass_per_image(tiny_checkpoints, tiny_sam, monkeypatch)
     assert len(calls) == 1
     propose(proposer, _image(seed=2), Vocabulary.from_labels("cat"), cache)
     assert len(calls) == 2
+
+
+# Interactive clicks: the one-prompt decoder, crop-first upsampling, best of three.
+
+
+@pytest.fixture(scope="module")
+def two_block_sam():
+    """The tiny SAM with a 2-block decoder (as ViT-B's): blocks after the first run too."""
+    from ovss_label.backend.models.sam import LoadedSam
+
+    return LoadedSam(_create_sam({**TINY_SAM_CFG, "decoder_depth": 2}, seed=5), "sam_tiny", True)
+
+
+def _prompts(size):
+    """(points, labels, boxes) kwargs for the prompt encoder, encoder-frame pixels, batch 1."""
+    g = torch.Generator().manual_seed(size)
+    pts, neg = torch.rand(1, 3, 2, generator=g) * size, torch.tensor([[1, 0, 1]], dtype=torch.int)
+    box = torch.tensor([[0.1, 0.2, 0.7, 0.9]]) * size
+    return [
+        {"points": (pts[:, :1], torch.ones(1, 1, dtype=torch.int)), "boxes": None},
+        {"points": (pts, neg), "boxes": None},
+        {"points": None, "boxes": box},
+        {"points": (pts[:, :2], neg[:, :2]), "boxes": box},
+    ]
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_one_prompt_decoder_is_bit_identical_to_mask_decoder(two_block_sam, multimask):
+    from ovss_label.backend.proposers.sam_decoder import decode_one, image_context
+
+    model = two_block_sam.model
+    for seed in range(3):
+        embedding = torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(seed))
+        context = image_context(model, embedding)
+        for prompt in _prompts(64):
+            with torch.no_grad():
+                sparse, dense = model.prompt_encoder(**prompt, masks=None)
+                ref = model.mask_decoder(
+                    image_embeddings=embedding,
+                    image_pe=model.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )
+            low_res, iou = decode_one(model, context, sparse, multimask)
+            assert torch.equal(low_res, ref[0]) and torch.equal(iou, ref[1])
+
+
+@pytest.mark.parametrize(
+    ("h", "w"),
+    [(1, 1), (1, 7), (3, 2), (17, 5), (48, 80), (80, 48), (37, 61), (61, 37), (64, 64),
+     (480, 640), (641, 479), (200, 1000), (999, 201), (512, 512), (1080, 1920)],
+)  # fmt: skip
+@pytest.mark.parametrize("side", [64, 1024])
+def test_crop_first_upsampling_equals_postprocess_masks(h, w, side):
+    from types import SimpleNamespace
+
+    from segment_anything.modeling import Sam
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from ovss_label.backend.proposers.sam_prompts import upscale_masks
+
+    input_size = ResizeLongestSide(side).get_preprocess_shape(h, w, side)
+    if min(input_size) == 0:
+        pytest.skip("SAM itself cannot resize this image to that side")
+    sam_like = SimpleNamespace(image_encoder=SimpleNamespace(img_size=side))
+    g = torch.Generator().manual_seed(h * 7 + w)
+    low_res = torch.randn(2, 1, side // 4, side // 4, generator=g) * 4
+    ref = Sam.postprocess_masks(sam_like, low_res, input_size, (h, w))  # type: ignore[arg-type]
+    got = upscale_masks(low_res, input_size, (h, w), side)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize(("h", "w"), [(48, 80), (80, 48), (33, 33), (7, 50)])
+@pytest.mark.parametrize("prompt", ["point", "box", "points+box"])
+def test_one_click_equals_sam_predictor(two_block_sam, h, w, prompt):
+    image = _image(seed=h, h=h, w=w)
+    predictor = SamPredictor(two_block_sam.model)
+    predictor.set_image(image)
+    features = SamEncoder(two_block_sam).encode(image)
+    points = np.array([[w * 0.3, h * 0.6], [w * 0.8, h * 0.2]])
+    kwargs = {
+        "point_coords": points if "point" in prompt else None,
+        "point_labels": np.array([1, 0]) if "point" in prompt else None,
+        "box": np.array([1.0, 1.0, w * 0.7, h - 1.0]) if "box" in prompt else None,
+    }
+    multimask = prompt == "point"
+    ref_masks, ref_scores, _ = predictor.predict(**kwargs, multimask_output=multimask)
+    masks, iou = decode(
+        two_block_sam,
+        features,
+        points=points[None] if "point" in prompt else None,
+        labels=kwargs["point_labels"][None] if "point" in prompt else None,
+        boxes=kwargs["box"][None] if "box" in prompt else None,
+        multimask=multimask,
+    )
+    best = int(ref_scores.argmax())
+    np.testing.assert_array_equal(masks[0], ref_masks[best])
+    assert iou[0] == ref_scores[best]
+
+
+def test_every_candidate_is_considered(two_block_sam):
+    """Predicted IoUs rank the third candidate first: its mask is the answer, for one click (the
+    cached decoder) and for a batch (``MaskDecoder``), as ``SamPredictor`` chooses."""
+    head = two_block_sam.model.mask_decoder.iou_prediction_head
+    ranked = torch.tensor([[0.5, 0.1, 0.2, 0.9]])  # token 0 is the single-mask output
+    hook = head.register_forward_hook(lambda module, args, out: ranked.expand_as(out))
+    try:
+        image = _image(seed=4)
+        predictor = SamPredictor(two_block_sam.model)
+        predictor.set_image(image)
+        point = np.array([[30.5, 20.5]])
+        ref_masks, ref_scores, _ = predictor.predict(point, np.array([1]), multimask_output=True)
+        assert ref_scores.tolist() == pytest.approx([0.1, 0.2, 0.9])
+        assert not np.array_equal(ref_masks[2], ref_masks[0])  # the choice is visible
+        features = SamEncoder(two_block_sam).encode(image)
+        ones = np.ones((1, 1), np.int64)
+        masks, iou = decode(two_block_sam, features, points=point[None], labels=ones)
+        np.testing.assert_array_equal(masks[0], ref_masks[2])
+        assert iou[0] == pytest.approx(0.9)
+        batch = np.stack([point, point + 10])
+        masks, iou = decode(two_block_sam, features, points=batch, labels=np.ones((2, 1)))
+        np.testing.assert_array_equal(masks[0], ref_masks[2])
+        assert iou.tolist() == pytest.approx([0.9, 0.9])
+    finally:
+        hook.remove()
+
+
+def test_decoder_contexts_are_per_image_and_bounded(two_block_sam):
+    from ovss_label.backend.proposers import sam_decoder
+
+    encoder = SamEncoder(two_block_sam)
+    images = [_image(seed=s) for s in range(sam_decoder.CONTEXTS_PER_MODEL + 2)]
+    features = [encoder.encode(image) for image in images]
+    points, labels = np.array([[[20.5, 10.5]]]), np.ones((1, 1), np.int64)
+    first = [decode(two_block_sam, f, points=points, labels=labels)[0] for f in features]
+    contexts = sam_decoder._contexts[two_block_sam.model]
+    assert len(contexts) == sam_decoder.CONTEXTS_PER_MODEL  # the oldest were dropped
+    for f, mask in zip(reversed(features), reversed(first), strict=True):  # hits and misses
+        np.testing.assert_array_equal(
+            decode(two_block_sam, f, points=points, labels=labels)[0], mask
+        )
+    unkeyed = type(features[0])(features[0].image_hw, features[0].tensors, features[0].meta, "")
+    np.testing.assert_array_equal(
+        decode(two_block_sam, unkeyed, points=points, labels=labels)[0], first[0]
+    )

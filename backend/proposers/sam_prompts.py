@@ -8,7 +8,10 @@ segment_anything ``predictor.py``'s (``set_torch_image``, ``predict``, ``predict
 with one change of order: with ``multimask`` the best of the 3 candidates (highest predicted
 IoU) is chosen on the 256x256 low-resolution logits and only that one is upsampled to the
 original size. Upsampling every candidate dominates the decoder's cost; the chosen mask is
-identical.
+identical. Two more shortcuts give the same bits: one prompt (an interactive click) runs the
+decoder with its image-only work cached per image (``sam_decoder.py``), and upsampling starts
+from the low-resolution rows and columns that cover the image, not its padding
+(:func:`upscale_masks`).
 
 Frames: prompts are in original-image pixels (x, y), the COCO pixel-edge frame (the centre of
 pixel (r, c) is (c + 0.5, r + 0.5)); ``ResizeLongestSide`` maps them to the encoder input.
@@ -20,11 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numpy.typing import NDArray
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from ..models.sam import LoadedSam
 from .base import Features
+from .sam_decoder import cached_context, decode_one
 
 
 class SamEncoder:
@@ -87,15 +92,52 @@ def decode(
         scaled = transform.apply_boxes(np.asarray(boxes, np.float64), original)
         box_torch = torch.as_tensor(scaled, dtype=torch.float, device=sam.device)
     sparse, dense = model.prompt_encoder(points=point_pair, boxes=box_torch, masks=None)
-    low_res, iou = model.mask_decoder(
-        image_embeddings=features.tensors["embedding"],
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-    )
+    embedding = features.tensors["embedding"]
+    if len(sparse) == 1:  # one prompt: the image-only half of the decoder is cached
+        context = cached_context(model, embedding, features.key)
+        low_res, iou = decode_one(model, context, sparse, multimask)
+    else:
+        low_res, iou = model.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
     best = iou.argmax(dim=1)  # choose before upsampling: 1 of 3 candidates is upsampled
     rows = torch.arange(len(best), device=best.device)
     chosen, chosen_iou = low_res[rows, best][:, None], iou[rows, best]
-    masks = model.postprocess_masks(chosen, input_size, original)[:, 0] > model.mask_threshold
-    return masks.cpu().numpy(), chosen_iou.float().cpu().numpy()
+    masks = upscale_masks(chosen, input_size, original, sam.image_size) > model.mask_threshold
+    return masks[:, 0].cpu().numpy(), chosen_iou.float().cpu().numpy()
+
+
+def upscale_masks(
+    low_res: torch.Tensor, input_size: tuple[int, int], original: tuple[int, int], image_size: int
+) -> torch.Tensor:
+    """``Sam.postprocess_masks``, bit-identical, without upsampling the padding.
+
+    SAM upsamples the (S/4, S/4) logits to the padded (S, S) encoder frame, crops the resized
+    image (``input_size``) and resizes that to ``original``, all bilinear without corner
+    alignment. Here the crop comes first, on the logits: the rows and columns that cover
+    ``input_size`` plus one (the bilinear neighbour of the last pixel kept), upsampled by the
+    same factor, so every kept pixel has the same source positions, neighbours and weights as
+    in SAM's full-frame pass. A 480x640 photo upsamples 75% of the frame, a 200x1000 one 20%.
+
+    Args:
+        low_res: (B, C, S/4, S/4) float32 logits in the padded encoder frame.
+        input_size: (h, w) of the resized image inside the S x S frame.
+        original: (H, W) of the image.
+        image_size: S, the encoder's input side (1024).
+
+    Returns:
+        (B, C, H, W) float32 logits in the original frame.
+    """
+    scale = image_size // low_res.shape[-1]
+    # A kept row y < h reads logit rows up to floor((h - 0.5) / scale - 0.5) + 1 <= ceil(h /
+    # scale): keeping rows 0..ceil(h / scale), the edge clamp never reaches a kept pixel.
+    rows = min(low_res.shape[-2], -(-input_size[0] // scale) + 1)
+    cols = min(low_res.shape[-1], -(-input_size[1] // scale) + 1)
+    size = (rows * scale, cols * scale)  # the same factor as SAM's full pass: same weights
+    masks = F.interpolate(low_res[..., :rows, :cols], size, mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, original, mode="bilinear", align_corners=False)
