@@ -327,3 +327,22 @@ def test_setup_reports_the_weight_file_that_would_be_loaded(
     assert other.startswith("ovss-label-") and other != published
     assert engine.model_version("naclip+sam") != engine.model_version("naclip")
     engine.close()
+
+
+def test_answers_shown_in_the_editor_are_predictions_even_when_they_fail_for_now(
+    client, monkeypatch
+):
+    """A TextArea query is answered to a user in the editor (Label Studio reads results[0]):
+    a failure for now is an empty prediction there, and zero predictions in a batch."""
+    from ovss_label.backend.server.media import MediaError
+
+    http, engine = client
+
+    def unavailable(*args, **kwargs):
+        raise MediaError("the image host timed out", transient=True)
+
+    monkeypatch.setattr(engine.media, "image", unavailable)
+    live = http.post("/predict", json=_with_text("kitten")).json()["results"]
+    assert live == [{"result": [], "score": 0.0, "model_version": engine.model_version("naclip")}]
+    batch = {"tasks": [_task(1, "/data/local-files/?d=a.png")], "label_config": CONFIG}
+    assert http.post("/predict", json=batch).json()["results"] == [[]]

@@ -139,12 +139,15 @@ class Engine:
         """
         loop = asyncio.get_running_loop()
         interactive, text = has_prompt(context), text_prompt(context)
+        # An answer shown to a user in the editor (Label Studio reads results[0] and stores
+        # nothing) is always a prediction; only batch answers may be "nothing for now".
+        live = interactive or text is not None
         try:
             project = await loop.run_in_executor(self.control, self.projects.get, label_config)
         except ValueError as exc:
             log.warning("labeling config refused for %d task(s): %s", len(tasks), exc)
             empty = self._empty(self.settings.method)
-            return [empty if interactive else NOT_NOW for _ in tasks]
+            return [empty if live else NOT_NOW for _ in tasks]
         if interactive:
             return await _each(self.clicks, self._interactive, tasks, project, context)
         if text:
@@ -152,8 +155,9 @@ class Engine:
                 project = await loop.run_in_executor(self.tasks, self._text_query, project, text)
             except Exception as exc:  # e.g. missing weights: a logged reason, not a 500
                 log.warning("text prompt: %s: %s", type(exc).__name__, _safe(exc))
-                return [NOT_NOW for _ in tasks]
-        return await _each(self.tasks, self._entry, tasks, project)
+                return [self._empty(project.method) for _ in tasks]
+        entries = await _each(self.tasks, self._entry, tasks, project)
+        return [self._empty(project.method) if live and e == NOT_NOW else e for e in entries]
 
     def _text_query(self, project: Project, text: str) -> Project:
         """The project with a one-query vocabulary: ``text``, named by the nearest label."""
