@@ -77,14 +77,16 @@ def create_app(engine: Engine) -> FastAPI:
     async def setup(request: Request) -> dict[str, Any]:
         body = await _json(request, engine, engine.control)
         schema, method = body.get("schema"), engine.settings.method
+        loop = asyncio.get_running_loop()
         if isinstance(schema, str) and schema.strip():
-            loop = asyncio.get_running_loop()
             try:
                 project = await loop.run_in_executor(engine.control, engine.projects.get, schema)
                 method = project.method
             except ValueError as exc:
                 log.warning("setup: labeling config refused: %s", exc)
-        return {"model_version": engine.model_version(method)}
+        # Off the loop too: a weight file replaced since the last call is hashed again.
+        version = await loop.run_in_executor(engine.control, engine.model_version, method)
+        return {"model_version": version}
 
     @app.post("/predict")
     async def predict(request: Request) -> dict[str, Any]:
@@ -113,7 +115,11 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
-        return {"versions": [engine.model_version(m) for m in _methods(engine)]}
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(
+            engine.control, lambda: [engine.model_version(m) for m in _methods(engine)]
+        )
+        return {"versions": found}
 
     return app
 
