@@ -236,3 +236,54 @@ def test_pnp_with_clip_presence_scores_absent_labels_zero(monkeypatch):
     proposal = proposer.score(proposer.encode(image), Vocabulary.from_labels("cat, dog, cup"))
     assert proposal.scores.shape == (3, 40, 70)
     assert not (proposal.assignment == 1).any()  # "dog" was filtered out
+
+
+def _two_of_five():
+    """Hand-made caption maps: labels 1 and 3 of 5 in the caption, each bright on one side of
+    a 24 x 36 image, both zero in the middle band."""
+    maps = torch.zeros(2, 6, 9)
+    maps[0, :, :3] = torch.linspace(1.0, 2.0, 18).reshape(6, 3)
+    maps[1, :, 6:] = torch.linspace(2.0, 1.0, 18).reshape(6, 3)
+    image = np.random.default_rng(3).integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    return maps, np.array([1, 3]), image
+
+
+def test_background_and_decision_run_over_the_caption_classes_only():
+    from ovss_label.backend.proposers.pnp_ovss import PnpConfig, decide_on_caption
+
+    maps, caption, image = _two_of_five()
+    argmax = lambda image, channels: channels.argmax(axis=0)  # noqa: E731
+    config = PnpConfig(always_background=False, crf=False)
+    scores, assignment = decide_on_caption(maps, caption, 5, image, config, argmax)
+    # Two caption classes (< 3): the reference adds the background channel; the vocabulary's
+    # five labels would not have.
+    assert set(np.unique(assignment)) == {-1, 1, 3}
+    assert (assignment[:, 15:21] == -1).all()  # the band where both maps are zero
+    assert scores.shape == (5, 24, 36) and scores.dtype == np.float32
+    assert not scores[[0, 2, 4]].any() and scores[[1, 3]].max() == 1.0
+
+
+def test_the_crf_sees_the_background_and_caption_channels_only():
+    densecrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_softmax
+
+    from ovss_label.backend.proposers import pnp
+    from ovss_label.backend.proposers.pnp_ovss import PnpConfig, decide_on_caption, dense_crf
+
+    maps, caption, image = _two_of_five()
+    config = PnpConfig(always_background=False)
+    _, assignment = decide_on_caption(maps, caption, 5, image, config, dense_crf)
+    # The reference's unary: [background, caption classes], from the same maps, by pydensecrf.
+    full = torch.nn.functional.interpolate(
+        pnp.threshold_maps(maps, config.threshold)[None], size=(24, 36), mode="bilinear",
+        align_corners=True,
+    )[0].numpy()  # fmt: skip
+    channels = pnp.blur_maps(np.concatenate([(full.max(axis=0) == 0)[None], full]))
+    assert channels.shape[0] == 3
+    probs = torch.softmax(torch.from_numpy(channels).float(), dim=0).numpy()
+    crf = densecrf.DenseCRF2D(36, 24, 3)
+    crf.setUnaryEnergy(unary_from_softmax(probs))
+    crf.addPairwiseGaussian(sxy=3, compat=7)
+    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=image, compat=10)
+    expected = np.array(crf.inference(10)).reshape(3, 24, 36).argmax(axis=0)
+    np.testing.assert_array_equal(assignment, np.array([-1, 1, 3])[expected])

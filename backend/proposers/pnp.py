@@ -65,7 +65,12 @@ def drop_step(
     the remaining ones (the CVPR paper).
 
     Returns:
-        ``dropped`` plus the new flat indices (order: reference ``argsort`` order).
+        ``dropped`` plus the new flat indices, in ascending salience. Ties: this sorts with
+        ``kind="stable"`` (equal values in index order); the reference's ``np.argsort(U)``
+        uses numpy's default, unstable sort, whose order among equal values depends on the
+        numpy version and CPU (its SIMD sorts). The two pick different patches only among
+        exactly equal salience, e.g. the zeros of already dropped patches when fewer than
+        ``k`` patches remain above zero.
     """
     if rule not in DROP_RULES:
         raise ValueError(f"rule must be one of {DROP_RULES}, got {rule!r}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,20 +131,14 @@ class PnpOvssProposer(Proposer):
         classes = pnp.class_token_maps(tokens, merged, self.config.last_class_sum)
         if classes.shape[0] != len(names):
             raise ValueError(f"caption gave {classes.shape[0]} words for {len(names)} classes")
-        kept = torch.zeros(len(keep), *classes.shape[1:])
-        kept[torch.from_numpy(keep)] = pnp.threshold_maps(classes, self.config.threshold)
-        full = F.interpolate(
-            kept[None], size=features.image_hw, mode="bilinear", align_corners=True
-        )
-        channels, has_bg = pnp.with_background(full[0].numpy(), self.config.always_background)
-        blurred = pnp.blur_maps(channels, self.config.blur_sigma)
-        labels = self._decide(features.tensors["image"].numpy(), blurred)
-        assignment = (labels - 1 if has_bg else labels).astype(np.int16)
-        scores = blurred[1:] if has_bg else blurred
+        scores, assignment = decide_on_caption(
+            classes, np.flatnonzero(keep), len(keep), features.tensors["image"].numpy(),
+            self.config, self._decide,
+        )  # fmt: skip
         for k, name in enumerate(vocabulary.names):
             if name.lower() == BACKGROUND:
                 assignment[assignment == k] = -1
-        return Proposal(vocabulary.names, scores.astype(np.float32), assignment)
+        return Proposal(vocabulary.names, scores, assignment)
 
     def _present(self, features: Features, vocabulary: Vocabulary) -> NDArray[Any]:
         """(K,) bool: the labels that go into the caption."""
@@ -183,6 +178,47 @@ class PnpOvssProposer(Proposer):
                                 "(pip install 'ovss-label[crf]')")  # fmt: skip
         decided: NDArray[Any] = channels.argmax(axis=0)
         return decided
+
+
+def decide_on_caption(
+    caption_maps: torch.Tensor,
+    caption: NDArray[Any],
+    n_labels: int,
+    image: NDArray[Any],
+    config: PnpConfig,
+    decide: Callable[[NDArray[Any], NDArray[Any]], NDArray[Any]],
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Thresholds, the background rule, blur and the decision (CRF or argmax) over
+    ``[background] + the caption's classes``, mapped back to vocabulary indices.
+
+    The reference builds all of these from the caption's classes only (``best_class_idx_list``;
+    ``PnP_OVSS_0514_updated_segmentation.py`` around lines 440-462, ``densecrf`` 1056-1069): the
+    "fewer than three classes" background rule counts them, and the CRF's unary has their
+    channels alone (all-zero channels of other labels would change its mean field). A label
+    left out of the caption (the CLIP presence filter) gets no channel, no score and no pixel.
+
+    Args:
+        caption_maps: (Kc, P, P) class maps in caption order.
+        caption: (Kc,) int, the vocabulary index of each caption class.
+        n_labels: K, the vocabulary's size.
+        image: (H, W, 3) uint8 RGB, original frame (the CRF's pairwise term).
+        config: Threshold, background rule and blur.
+        decide: (image, (C, H, W) maps) -> (H, W) channel index.
+
+    Returns:
+        ``(scores, assignment)``: (K, H, W) float32 blurred maps (zeros outside the caption)
+        and (H, W) int16 vocabulary index, -1 for background.
+    """
+    thresholded = pnp.threshold_maps(caption_maps, config.threshold).float()
+    size = (int(image.shape[0]), int(image.shape[1]))
+    full = F.interpolate(thresholded[None], size=size, mode="bilinear", align_corners=True)
+    channels, has_bg = pnp.with_background(full[0].numpy(), config.always_background)
+    blurred = pnp.blur_maps(channels, config.blur_sigma)
+    labels = decide(image, blurred)
+    to_vocabulary = np.concatenate([[-1], caption]) if has_bg else np.asarray(caption)
+    scores = np.zeros((n_labels, *size), np.float32)
+    scores[caption] = blurred[1:] if has_bg else blurred
+    return scores, to_vocabulary[labels].astype(np.int16)
 
 
 def square_pixels(image: NDArray[Any], size: int) -> torch.Tensor:
