@@ -142,15 +142,39 @@ def test_token_goes_only_to_label_studio(server):
     assert odd._headers("http://ls.test" + media) == {"Authorization": "Token not.a.jwt"}
 
 
-def test_byte_and_pixel_caps(monkeypatch):
-    monkeypatch.setattr(
-        "socket.getaddrinfo", lambda host, *a, **k: [(2, 1, 6, "", ("93.184.216.34", 80))]
-    )
-    transport = httpx.MockTransport(lambda r: httpx.Response(200, content=_png()))
+@pytest.mark.parametrize("declared", [True, False])
+def test_byte_and_pixel_caps_are_exact(declared):
+    """The caps hold at the byte and the pixel: one more is refused, the limit itself passes
+    (with and without a Content-Length header)."""
+    body = _png()  # 40 x 60 px
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if declared:
+            return httpx.Response(200, content=body)
+        return httpx.Response(200, content=iter([body[:100], body[100:]]))  # streamed
+
+    transport = httpx.MockTransport(answer)
+    url = "http://media.test/a.png"
     with pytest.raises(ValueError, match="byte limit"):
-        MediaFetcher(MediaPolicy(max_bytes=100), transport).image("http://media.test/a.png")
+        MediaFetcher(MediaPolicy(max_bytes=len(body) - 1), transport).image(url)
+    assert MediaFetcher(MediaPolicy(max_bytes=len(body)), transport).image(url).shape == (40, 60, 3)
     with pytest.raises(ValueError, match="px limit"):
-        MediaFetcher(MediaPolicy(max_pixels=100), transport).image("http://media.test/a.png")
+        MediaFetcher(MediaPolicy(max_pixels=40 * 60 - 1), transport).image(url)
+    assert MediaFetcher(MediaPolicy(max_pixels=40 * 60), transport).image(url).shape == (40, 60, 3)
+
+
+def test_predictions_carry_the_projects_method_in_their_version(server):
+    """A project whose control picks another method: /setup and every prediction agree on that
+    method's model_version, not the server default's."""
+    client, engine = server
+    config = CONFIG.replace('name="tag" toName="image"', 'name="tag" toName="image" '
+                            'ovss_method="naclip+sam"')  # fmt: skip
+    version = client.post("/setup", json={"schema": config}).json()["model_version"]
+    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
+    body["label_config"] = config
+    prediction = client.post("/predict", json=body).json()["results"][0]
+    assert version == engine.model_version("naclip+sam") != engine.model_version("naclip")
+    assert prediction["model_version"] == version and prediction["result"]
 
 
 def test_cloud_urls_go_through_the_presign_endpoint(server):
