@@ -11,7 +11,9 @@ Format contract (Label Studio 1.20-1.23 result items)
   Studio's BRUSH_TO_COCO export, any non-zero alpha counts as inside.
 - ``polygonlabels``: ``value = {"points": [[x%, y%], ...], "polygonlabels": [label],
   "closed": true}``. Percent of ``original_width`` / ``original_height`` in [0, 100], in the
-  pixel-edge frame of ``polygons`` (x_px = x% * W / 100). Polygons have no holes.
+  pixel-edge frame of ``polygons`` (x_px = x% * W / 100). Polygons have no holes. A mask gives
+  one polygon region per 8-connected part (the parts of ``instance``, as instances are split),
+  its exterior ring; parts below the minimum area give none (``instance_to_results``).
 - ``rectanglelabels``: ``value = {"x", "y", "width", "height"`` (percent), ``"rotation"``
   (degrees, clockwise on screen, about the top-left corner ``(x, y)``), ``"rectanglelabels"}``.
   The rotation is applied in pixels (Label Studio's editor rotates the drawn shape).
@@ -30,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .brush import BrushRLEError, brush_rle_bytes, brush_rle_to_mask
-from .instance import Instance
+from .instance import Instance, min_area_pixels
 from .polygons import mask_to_polygons, polygons_to_mask
 
 __all__ = [
@@ -161,6 +163,7 @@ def instance_to_results(
     to_name: str = "image",
     tolerance_px: float = 1.0,
     max_vertices: int = 1000,
+    min_area_fraction: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Label Studio result items for one instance.
 
@@ -168,14 +171,18 @@ def instance_to_results(
 
     Args:
         instance: the object; its mask size is the image's original size.
-        kind: ``brush`` (exact, keeps holes), ``polygon`` (one region per part, exteriors only:
-            Label Studio polygons have no holes) or ``both``.
+        kind: ``brush`` (exact, keeps holes), ``polygon`` (one region per 8-connected part,
+            exteriors only: Label Studio polygons have no holes) or ``both``.
         brush_name: ``from_name`` of the ``<BrushLabels>`` control.
         polygon_name: ``from_name`` of the ``<PolygonLabels>`` control.
         rectangle_name: ``from_name`` of the ``<RectangleLabels>`` control.
         to_name: name of the ``<Image>`` object.
         tolerance_px: polygon simplification tolerance (see ``mask_to_polygons``).
         max_vertices: vertex cap per polygon.
+        min_area_fraction: smallest polygon part, as a fraction of the image area (the unit of
+            ``--min-area`` / ``PostprocessConfig.min_area``); ``min_area_pixels`` turns it into
+            the pixel count ``mask_to_polygons`` takes, at least 1 px. No polygon region with a
+            smaller area is written. Brush results are not filtered.
 
     Returns:
         Result dicts; empty when the mask is empty.
@@ -190,7 +197,8 @@ def instance_to_results(
     if kind in ("brush", "both"):
         results.append(_brush_result(instance, brush_name, to_name))
     if kind in ("polygon", "both"):
-        rings = _polygon_rings(instance, tolerance_px, max_vertices)
+        min_px = min_area_pixels(min_area_fraction, instance.height, instance.width)
+        rings = _polygon_rings(instance, tolerance_px, max_vertices, min_px)
         results += [_polygon_result(instance, r, polygon_name, to_name) for r in rings]
     return results
 
@@ -203,11 +211,12 @@ def instances_to_results(
 
 
 def _polygon_rings(
-    instance: Instance, tolerance_px: float, max_vertices: int
+    instance: Instance, tolerance_px: float, max_vertices: int, min_area_px: int
 ) -> list[NDArray[Any]]:
+    """(N, 2) pixel-edge xy exterior rings, one per polygon region."""
     if instance.polygons is not None:
         return list(instance.polygons)  # vector source: its own vertices are exact
-    polygons = mask_to_polygons(instance.mask, tolerance_px, max_vertices)
+    polygons = mask_to_polygons(instance.mask, tolerance_px, max_vertices, min_area=min_area_px)
     return [np.asarray(p.exterior.coords)[:-1] for p in polygons]
 
 

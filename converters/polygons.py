@@ -8,10 +8,21 @@ Format contract
   exactly rows 2..3 x cols 2..4. Label Studio percent coordinates are this frame scaled by
   100 / original_width and 100 / original_height (see ``labelstudio``).
 - A mask is (H, W) bool (or any array where non-zero means inside), row 0 at the top.
-- ``mask_to_polygons`` returns one ``shapely.Polygon`` per connected part: an exterior ring and
-  its holes. Parts are 4-connected: pixels that touch only at a corner are separate parts.
-  Before simplification, outlines run through the midpoints of the pixel edges between inside
-  and outside (the iso-0.5 contour): rasterised, they give back the exact mask.
+- ``mask_to_polygons`` returns one ``shapely.Polygon`` per part: an exterior ring and its
+  holes. Parts are 8-connected, as instances are (``instance.PART_CONNECTIVITY``): pixels that
+  touch only at a corner are one part, and one polygon. Holes are background not 4-connected to
+  the outside. Before simplification, outlines run through the midpoints of the pixel edges
+  between inside and outside (the iso-0.5 contour): rasterised, they give back the exact mask.
+  Where two pixels of a part touch only at a corner, the outline crosses that corner as a
+  diagonal neck 1/sqrt(2) px wide, so rings never touch themselves (no pinch at the corner point,
+  which shapely would call invalid) and the two background pixel centres there stay 0.35 px out.
+- Areas are in pixels (px^2 in this frame). ``min_area`` drops parts with fewer pixels, fills
+  holes with fewer, and no polygon with a smaller (shapely) area is returned. The iso-0.5 outline
+  is up to 0.5 px^2 smaller than its part's pixel count (each cut convex corner takes 1/8 px^2),
+  and simplification moves it further: a part with enough pixels whose polygon falls short gets
+  its pixel-edge outline instead (concave corners cut, area >= pixel count, still exact). So a
+  part of >= ``min_area`` pixels keeps one polygon and no part below it is written.
+  ``--min-area`` (a fraction of the image) converts with ``instance.min_area_pixels``.
 - COCO polygon lists (``[[x1, y1, x2, y2, ...], ...]``) cannot hold holes: their rings are
   unioned. Label Studio ``PolygonLabels`` cannot hold holes either. A mask with holes is exact
   as RLE (COCO) or brush RLE (Label Studio); as polygons, only its exteriors are kept.
@@ -31,6 +42,8 @@ from pycocotools import mask as coco_mask
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.polygon import orient
 
+from .instance import PART_CONNECTIVITY
+
 __all__ = ["PolygonLike", "mask_to_polygons", "polygons_to_mask", "ring_to_flat"]
 
 PolygonLike: TypeAlias = Polygon | Sequence[float] | NDArray[Any]
@@ -49,7 +62,7 @@ def mask_to_polygons(
     min_area: float = 1.0,
     min_iou: float = 0.98,
 ) -> list[Polygon]:
-    """Trace every 4-connected part of a mask as a polygon with holes, then simplify it.
+    """Trace every 8-connected part of a mask as a polygon with holes, then simplify it.
 
     Args:
         mask: (H, W) mask; non-zero is inside.
@@ -57,7 +70,9 @@ def mask_to_polygons(
             their exterior and rings do not cross). 0 only drops collinear points.
         max_vertices: cap on the vertices of one exterior ring; a part's tolerance is doubled
             until its exteriors fit. Label Studio's editor freezes on thousands of points.
-        min_area: parts with fewer pixels than this are dropped; holes with fewer are filled.
+        min_area: in pixels (px^2). Parts with fewer pixels are dropped, holes with fewer are
+            filled, and every polygon returned has at least this shapely area (see the module
+            docstring). ``instance.min_area_pixels`` converts ``--min-area`` fractions.
         min_iou: a part whose simplified polygons, rasterised, would overlap it by less than
             this IoU is simplified with a halved tolerance, down to 0 (thin bars and specks keep
             their shape); the vertex cap wins over this.
@@ -73,29 +88,61 @@ def mask_to_polygons(
         raise ValueError("max_vertices must be at least 4 (a ring needs 3 distinct points)")
     if tolerance_px < 0:
         raise ValueError("tolerance_px must be >= 0")
+    if min_area < 0:
+        raise ValueError("min_area must be >= 0 (pixels)")
     out: list[Polygon] = []
-    for crop, x0, y0 in _parts(binary != 0, min_area):
-        traced = _trace_part(crop, x0, y0)
-        simple = _simplify_part(traced, crop, (x0, y0), tolerance_px, min_iou)
-        simple = _cap_vertices(traced, simple, max_vertices)
-        out.extend(orient(p, 1.0) for p in simple if p.area > 0)
+    for crop, x0, y0, pixels in _parts(binary != 0, min_area):
+        # Within 0.5 px^2 of min_area the iso-0.5 outline may fall short: skip tracing it twice
+        # (a speck at the default min_area=1 is a 0.5 px^2 diamond).
+        simple: list[Polygon] = []
+        if pixels - 0.5 >= min_area:
+            simple = _part_polygons(crop, (x0, y0), tolerance_px, max_vertices, min_iou)
+        if not simple or any(p.area < min_area for p in simple):
+            simple = _pixel_edge_polygons(crop, (x0, y0), max_vertices)
+        out.extend(orient(p, 1.0) for p in simple if p.area > 0 and p.area >= min_area)
     out.sort(key=lambda p: -p.area)
     return out
 
 
-def _parts(binary: NDArray[Any], min_area: float) -> Iterator[tuple[NDArray[Any], int, int]]:
-    """Each 4-connected part with >= ``min_area`` pixels: its bbox crop (small holes filled)."""
+def _part_polygons(
+    crop: NDArray[Any],
+    origin: tuple[int, int],
+    tolerance: float,
+    max_vertices: int,
+    min_iou: float,
+) -> list[Polygon]:
+    """One part's iso-0.5 outline, simplified under the IoU guard and the vertex cap."""
+    traced = _trace_part(crop, *origin)
+    simple = _simplify_part(traced, crop, origin, tolerance, min_iou)
+    return _cap_vertices(traced, simple, max_vertices)
+
+
+def _pixel_edge_polygons(
+    crop: NDArray[Any], origin: tuple[int, int], max_vertices: int
+) -> list[Polygon]:
+    """One part's outline along pixel edges: area >= its pixel count, rasterised exactly.
+
+    The fallback for a part whose iso-0.5 polygon is below ``min_area`` although its pixels are
+    not. Only collinear points are dropped, so only the vertex cap can take area away.
+    """
+    traced = _trace_part(crop, *origin, cut_corners=False)
+    return _cap_vertices(traced, [_simplify_once(p, 0.0) for p in traced], max_vertices)
+
+
+def _parts(binary: NDArray[Any], min_area: float) -> Iterator[tuple[NDArray[Any], int, int, int]]:
+    """Each 8-connected part with >= ``min_area`` pixels: its bbox crop (small holes filled),
+    the crop's column and row in the mask, and the part's pixel count."""
     n_parts, labels, stats, _ = cv2.connectedComponentsWithStats(
-        binary.astype(np.uint8), connectivity=4
+        binary.astype(np.uint8), connectivity=PART_CONNECTIVITY
     )
     for part in range(1, n_parts):
         x, y, w, h, area = (int(v) for v in stats[part])
         if area >= min_area:
-            yield _fill_small_holes(labels[y : y + h, x : x + w] == part, min_area), x, y
+            yield _fill_small_holes(labels[y : y + h, x : x + w] == part, min_area), x, y, area
 
 
 def _fill_small_holes(part: NDArray[Any], min_area: float) -> NDArray[Any]:
-    """Fill the holes (background not 4-connected to the outside) with < min_area pixels."""
+    """Fill the holes with < min_area pixels (4-connected background: the dual of the parts)."""
     padded = np.pad(~part, 1, constant_values=True).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(padded, connectivity=4)
     outside = labels[0, 0]
@@ -105,8 +152,8 @@ def _fill_small_holes(part: NDArray[Any], min_area: float) -> NDArray[Any]:
     return part | np.isin(labels[1:-1, 1:-1], small)
 
 
-def _trace_part(crop: NDArray[Any], x0: int, y0: int) -> list[Polygon]:
-    """Outline of one 4-connected part (and its holes), through the midpoints of pixel edges.
+def _trace_part(crop: NDArray[Any], x0: int, y0: int, cut_corners: bool = True) -> list[Polygon]:
+    """Outline of one 8-connected part (and its holes), through the midpoints of pixel edges.
 
     OpenCV traces pixel *centres*, which would pull every outline half a pixel inwards. So the
     part is drawn on a half-pixel lattice (2H+1, 2W+1), whose even points are pixel corners: a
@@ -115,6 +162,17 @@ def _trace_part(crop: NDArray[Any], x0: int, y0: int) -> list[Polygon]:
     cutting the convex corners too gives the iso-0.5 contour through edge midpoints. It is as
     exact as the pixel edges when rasterised (pixel centres stay >= 0.35 px inside or outside),
     and a staircase becomes a straight line, which simplifies well.
+
+    Two pixels touching at a corner share that lattice point, so the lattice keeps them in one
+    8-connected blob, and 8-connected tracing cuts the two concave turns there: the ring passes
+    the corner as a 1/sqrt(2) px diagonal neck, never through the corner point twice.
+
+    Args:
+        crop: (h, w) bool, one part in its bounding box.
+        x0: column of ``crop``'s left edge in the mask (pixel-edge frame).
+        y0: row of ``crop``'s top edge in the mask.
+        cut_corners: False keeps the convex corners: the pixel-edge outline (concave corners
+            still cut), whose area is at least the part's pixel count.
     """
     h, w = crop.shape
     centres = np.zeros((2 * h + 3, 2 * w + 3), dtype=np.uint8)  # +1 zero border on each side
@@ -126,7 +184,8 @@ def _trace_part(crop: NDArray[Any], x0: int, y0: int) -> list[Polygon]:
     offset = np.array([2 * x0 - 1, 2 * y0 - 1], dtype=np.float64)
 
     def ring(i: int) -> NDArray[Any]:
-        return _cut_square_corners((contours[i].reshape(-1, 2) + offset) / 2.0)
+        points = (contours[i].reshape(-1, 2) + offset) / 2.0
+        return _cut_square_corners(points) if cut_corners else points
 
     polygons = []
     for i, (_, _, first_child, parent) in enumerate(hierarchy[0]):
@@ -141,7 +200,12 @@ def _trace_part(crop: NDArray[Any], x0: int, y0: int) -> list[Polygon]:
 
 
 def _valid_polygons(exterior: NDArray[Any], holes: list[NDArray[Any]]) -> list[Polygon]:
-    """Valid polygons from traced rings (a hole can meet its exterior at a pixel corner)."""
+    """Valid polygons from traced rings; ``make_valid`` is a guard, for rings that would meet.
+
+    8-connected tracing turns every corner contact (within a ring, or between a hole and its
+    exterior) into a neck, so traced rings are not expected to touch; if they did, the pieces
+    ``make_valid`` returns would each have to pass ``min_area`` on their own.
+    """
     if len(exterior) < 3:
         return []
     poly = Polygon(exterior, [h for h in holes if len(h) >= 3])

@@ -6,9 +6,20 @@ import math
 
 import numpy as np
 import pytest
-from helpers import LABEL_CONFIG, coco_raster, disc, iou, load_export, sdk_alpha
+from helpers import (
+    LABEL_CONFIG,
+    coco_raster,
+    disc,
+    fill_holes,
+    iou,
+    load_export,
+    sdk_alpha,
+    source_mask,
+)
 from label_studio_sdk.converter.brush import mask2rle
 from label_studio_sdk.label_interface import LabelInterface
+from scipy import ndimage
+from shapely.geometry import Polygon
 
 from ovss_label.converters import (
     Instance,
@@ -134,6 +145,74 @@ def test_polygon_results_one_per_part_in_percent() -> None:
     np.testing.assert_allclose(square, expected, atol=1e-4)  # rounded to 4 decimals
     back = result_to_instance(results[0] | {"type": "polygonlabels"})
     assert back is not None and back.area == 16 * 16
+
+
+def _polygon_area_px(result: dict) -> float:
+    """Shapely area in pixels of a polygonlabels result (percent points scaled back)."""
+    scale = [result["original_width"] / 100, result["original_height"] / 100]
+    return float(Polygon(np.array(result["value"]["points"]) * scale).area)
+
+
+def _speckled_blobs(seed: int) -> np.ndarray:
+    """Smooth random blobs with 3% of the pixels flipped: specks and corner contacts."""
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.random((H, W)), 3)
+    return (smooth > np.quantile(smooth, 0.6)) ^ (rng.random((H, W)) < 0.03)
+
+
+def _corner_touching() -> dict[str, np.ndarray]:
+    yy, xx = np.mgrid[:H, :W]
+    squares = ((xx >= 4) & (xx < 20) & (yy >= 4) & (yy < 20)) | (
+        (xx >= 20) & (xx < 40) & (yy >= 20) & (yy < 40)
+    )
+    return {
+        "diagonal chain": (xx == yy + 10) & (yy >= 5) & (yy < 40),
+        "squares touching at a corner": squares,
+        "X": ((xx - 30 == yy - 24) | (xx - 30 == 24 - yy)) & (np.abs(yy - 24) <= 15),
+        "checkerboard": ((xx + yy) % 2 == 0) & (xx >= 40) & (xx < 56) & (yy >= 8) & (yy < 24),
+    }
+
+
+CORNER_TOUCHING = _corner_touching()
+
+
+@pytest.mark.parametrize("name", CORNER_TOUCHING)
+def test_corner_touching_pixels_give_one_polygon_region(name: str) -> None:
+    mask = CORNER_TOUCHING[name]
+    (result,) = instance_to_results(Instance(mask, "cat"), "polygon")
+    assert iou(source_mask(result), fill_holes(mask)) >= 0.98  # exterior only: holes filled
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_polygon_region_per_part_and_none_below_min_area(seed: int) -> None:
+    """Instances split into 8-connected parts of >= min_area pixels give one region each."""
+    mask, fraction = _speckled_blobs(seed), 0.002
+    min_px = math.ceil(fraction * H * W)  # 7 px of 48 x 64
+    labels, count = ndimage.label(mask, np.ones((3, 3), bool))  # independent 8-connected split
+    parts = [labels == i for i in range(1, count + 1)]
+    instances = [Instance(part, "cat") for part in parts if part.sum() >= min_px]
+    assert len(instances) < len(parts)  # some specks were dropped as instances
+    assert len(instances_to_results(instances, "polygon")) == len(instances)
+    results = instances_to_results(instances, "polygon", min_area_fraction=fraction)
+    assert len(results) == len(instances)
+    assert min(_polygon_area_px(r) for r in results) >= fraction * H * W
+    # A whole-class mask (specks included) gives the same regions: each part is filtered.
+    whole = instance_to_results(Instance(mask, "cat"), "polygon", min_area_fraction=fraction)
+    assert sorted(r["id"] for r in whole) == sorted(r["id"] for r in results)
+
+
+def test_polygon_min_area_fraction_counts_pixels_of_the_image() -> None:
+    mask = np.zeros((H, W), bool)
+    mask[10, 10:17] = True  # a 7-px bar: its iso-0.5 outline is 6.5 px^2
+    fraction = 7 / (H * W)  # exactly 7 pixels
+    (result,) = instance_to_results(Instance(mask, "cat"), "polygon", min_area_fraction=fraction)
+    assert _polygon_area_px(result) >= 7 and np.array_equal(source_mask(result), mask)
+    bigger = 8 / (H * W)
+    assert instance_to_results(Instance(mask, "cat"), "polygon", min_area_fraction=bigger) == []
+    (brush,) = instance_to_results(Instance(mask, "cat"), "brush", min_area_fraction=bigger)
+    assert brush["type"] == "brushlabels"  # brush results are exact, never filtered
+    with pytest.raises(ValueError, match="fraction"):
+        instance_to_results(Instance(mask, "cat"), "polygon", min_area_fraction=7.0)
 
 
 def test_vector_instances_keep_their_own_vertices() -> None:

@@ -1,10 +1,12 @@
-"""Masks <-> polygons: round-trip IoU per shape, holes, parts, and agreement with pycocotools."""
+"""Masks <-> polygons: round-trip IoU per shape, holes, 8-connected parts, min area, pycocotools."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import coco_raster, disc, iou
+import shapely
+from helpers import coco_raster, disc, fill_holes, iou
+from scipy import ndimage
 from shapely.geometry import Polygon
 
 from ovss_label.converters import mask_to_polygons, polygons_to_mask, ring_to_flat
@@ -32,10 +34,38 @@ def _shapes() -> dict[str, np.ndarray]:
     blob &= ~((XX - 80) ** 2 / 900 + (YY - 60) ** 2 / 300 < 1)  # elliptic hole
     blob[45:75, 70:90] |= True  # island inside the hole: a second part
     shapes["island in a hole"] = blob
+    shapes.update(CORNER_TOUCHING)
     return shapes
 
 
+def _corner_touching() -> dict[str, np.ndarray]:
+    """One 8-connected part each, whose pixels meet only at corners somewhere."""
+    diagonal = (XX == YY + 30) & (YY >= 10) & (YY < 60)  # 1-px staircase, pixels touch at corners
+    squares = ((XX >= 20) & (XX < 50) & (YY >= 10) & (YY < 40)) | (
+        (XX >= 50) & (XX < 90) & (YY >= 40) & (YY < 70)
+    )
+    cross = ((XX - 80 == YY - 60) | (XX - 80 == 60 - YY)) & (np.abs(YY - 60) <= 25)  # an "X"
+    checker = ((XX + YY) % 2 == 0) & (XX >= 100) & (XX < 120) & (YY >= 20) & (YY < 36)
+    diamond = np.abs(XX - 40) + np.abs(YY - 90) == 12  # a closed diagonal loop around a hole
+    return {
+        "diagonal chain": diagonal,
+        "squares touching at a corner": squares,
+        "X": cross,
+        "checkerboard": checker,
+        "diagonal loop": diamond,
+    }
+
+
+CORNER_TOUCHING = _corner_touching()
 SHAPES = _shapes()
+EIGHT = np.ones((3, 3), bool)  # scipy's structure for 8-connected labelling: the test oracle
+
+
+def _speckled_blobs(seed: int) -> np.ndarray:
+    """Smooth random blobs with 3% of the pixels flipped: specks, pinholes, corner contacts."""
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.random((H, W)), 4)
+    return (smooth > np.quantile(smooth, 0.6)) ^ (rng.random((H, W)) < 0.03)
 
 
 @pytest.mark.parametrize("name", SHAPES)
@@ -62,12 +92,62 @@ def test_topology_parts_and_holes() -> None:
         assert p.is_valid and p.exterior.is_ccw and all(not h.is_ccw for h in p.interiors)
 
 
-def test_parts_touching_at_a_corner_are_separate() -> None:
+def test_pixels_touching_at_a_corner_are_one_polygon() -> None:
     mask = np.zeros((6, 6), bool)
     mask[1, 1] = mask[2, 2] = True
-    polygons = mask_to_polygons(mask)
-    assert len(polygons) == 2
-    np.testing.assert_array_equal(polygons_to_mask(polygons, 6, 6), mask)
+    (poly,) = mask_to_polygons(mask, min_area=0)
+    assert poly.is_valid and poly.exterior.is_simple  # a neck, not a ring pinched at (2, 2)
+    assert poly.distance(shapely.Point(2, 2)) == 0
+    np.testing.assert_array_equal(polygons_to_mask([poly], 6, 6), mask)
+
+
+@pytest.mark.parametrize("name", CORNER_TOUCHING)
+def test_corner_touching_shapes_are_one_polygon(name: str) -> None:
+    mask = CORNER_TOUCHING[name]
+    assert ndimage.label(mask, EIGHT)[1] == 1
+    for tolerance in (0.0, 1.0, 3.0):
+        (poly,) = mask_to_polygons(mask, tolerance_px=tolerance)
+        assert poly.is_valid and poly.exterior.is_simple
+        exterior = polygons_to_mask([Polygon(poly.exterior)], H, W)  # what Label Studio keeps
+        assert iou(exterior, fill_holes(mask)) >= 0.98, tolerance
+    (exact,) = mask_to_polygons(mask, tolerance_px=0, min_area=0)
+    np.testing.assert_array_equal(polygons_to_mask([exact], H, W), mask)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("min_area", [1, 8, 40])
+def test_one_polygon_per_part_and_none_below_min_area(seed: int, min_area: float) -> None:
+    mask = _speckled_blobs(seed)
+    labels, _ = ndimage.label(mask, EIGHT)
+    sizes = np.bincount(labels.ravel())[1:]
+    polygons = mask_to_polygons(mask, min_area=min_area)
+    assert len(polygons) == np.count_nonzero(sizes >= min_area)
+    assert min(p.area for p in polygons) >= min_area  # shapely area, px^2
+    assert all(p.is_valid for p in polygons)
+    kept = np.isin(labels, 1 + np.flatnonzero(sizes >= min_area))
+    drawn = polygons_to_mask(polygons, H, W)
+    if min_area == 1:
+        assert iou(drawn, kept) >= 0.98
+    else:  # pinholes below min_area are filled: drawn lies between kept and kept without holes
+        assert np.count_nonzero(drawn & kept) >= 0.98 * np.count_nonzero(kept)
+        assert np.count_nonzero(drawn & fill_holes(kept)) >= 0.98 * np.count_nonzero(drawn)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "min_area"),
+    [([(5, 5)], 1.0), ([(5, 5), (5, 6), (5, 7)], 3.0), ([(5, 5), (6, 6), (7, 7), (7, 8)], 4.0)],
+)
+def test_a_part_of_min_area_pixels_keeps_a_polygon_of_min_area(
+    pixels: list[tuple[int, int]], min_area: float
+) -> None:
+    """The iso-0.5 outline of these parts is smaller than their pixel count (a 1-px speck is a
+    0.5 px^2 diamond): their pixel-edge outline is written instead, exact when rasterised."""
+    mask = np.zeros((12, 12), bool)
+    mask[tuple(np.transpose(pixels))] = True
+    (poly,) = mask_to_polygons(mask, min_area=min_area)
+    assert poly.area >= min_area and poly.is_valid
+    np.testing.assert_array_equal(polygons_to_mask([poly], 12, 12), mask)
+    assert mask_to_polygons(mask, min_area=min_area + 1) == []
 
 
 def test_rectangles_keep_sharp_corners() -> None:
@@ -126,6 +206,7 @@ def test_degenerate_rings_are_ignored_not_read_as_boxes() -> None:
         ({"mask": np.zeros((2, 2, 2))}, "2-D"),
         ({"mask": np.zeros((4, 4)), "tolerance_px": -1}, "tolerance_px"),
         ({"mask": np.zeros((4, 4)), "max_vertices": 2}, "max_vertices"),
+        ({"mask": np.zeros((4, 4)), "min_area": -1}, "min_area"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:

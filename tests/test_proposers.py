@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import disc
+from shapely.geometry import Polygon
 
 from ovss_label.backend.proposers import (
     FeatureCache,
@@ -20,7 +21,7 @@ from ovss_label.backend.proposers import (
     proposal_to_instances,
     propose,
 )
-from ovss_label.converters import Instance
+from ovss_label.converters import Instance, instances_to_results
 from ovss_label.ontologies import Vocabulary
 
 
@@ -144,3 +145,66 @@ def test_method_instances_resolve_overlaps_by_score():
     kept = proposal_to_instances(proposal, PostprocessConfig(min_area=0.0))
     assert [i.label for i in kept] == ["a", "b"]
     assert np.array_equal(kept[0].mask, a.mask) and not (kept[1].mask & a.mask).any()
+
+
+def _corner_touching_proposal(seed: int) -> Proposal:
+    """(3, 60, 80) scores: "a" paints shapes whose pixels meet at corners, plus 3% specks;
+    "b" a checkerboard patch (one 8-connected part); background wins everywhere else."""
+    yy, xx = np.mgrid[:60, :80]
+    a = (xx == yy + 2) & (yy < 20)  # diagonal chain
+    a |= ((xx >= 30) & (xx < 40) & (yy >= 2) & (yy < 12)) | (
+        (xx >= 40) & (xx < 52) & (yy >= 12) & (yy < 24)
+    )  # squares touching at a corner
+    a |= ((xx - 20 == yy - 44) | (xx - 20 == 44 - yy)) & (np.abs(yy - 44) <= 10)  # an X
+    a ^= np.random.default_rng(seed).random((60, 80)) < 0.03
+    b = ((xx + yy) % 2 == 0) & (xx >= 60) & (yy >= 30) & (yy < 50) & ~a
+    scores = np.zeros((3, 60, 80), np.float32)
+    scores[1][a], scores[2][b] = 0.9, 0.8
+    scores[0] = 0.7 * ~(a | b)
+    return Proposal(("background", "a", "b"), scores)
+
+
+def _polygon_areas_px(results: list[dict]) -> list[float]:
+    return [
+        Polygon(
+            np.array(r["value"]["points"]) * [r["original_width"] / 100, r["original_height"] / 100]
+        ).area
+        for r in results
+    ]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_instance_count_equals_polygon_region_count(seed):
+    """The acceptance of issue 11: one polygon region per instance, none below --min-area."""
+    config = PostprocessConfig(min_area=0.002)  # 9.6 -> 10 px of 60 x 80
+    instances = proposal_to_instances(_corner_touching_proposal(seed), config)
+    assert {i.label for i in instances} == {"a", "b"}
+    assert len(instances_to_results(instances, "polygon")) == len(instances)
+    results = instances_to_results(instances, "polygon", min_area_fraction=config.min_area)
+    assert len(results) == len(instances)
+    assert min(_polygon_areas_px(results)) >= config.min_area * 60 * 80
+
+
+def test_class_split_polygon_parts_are_the_component_instances():
+    """A whole-class instance keeps its specks as a brush; as polygons, --min-area drops them."""
+    proposal = _corner_touching_proposal(0)
+    parts = proposal_to_instances(proposal, PostprocessConfig(min_area=0.002))
+    classes = proposal_to_instances(proposal, PostprocessConfig(min_area=0.002, split="class"))
+    results = instances_to_results(classes, "polygon", min_area_fraction=0.002)
+    assert len(classes) == 2 and len(results) == len(parts)
+    assert min(_polygon_areas_px(results)) >= 0.002 * 60 * 80
+
+
+def test_min_area_is_a_fraction_of_the_image_counted_in_pixels():
+    from ovss_label.converters.instance import min_area_pixels
+
+    assert min_area_pixels(0.001, 512, 512) == 263  # ceil(262.144)
+    assert min_area_pixels(0.0057, 100, 100) == 57  # 57.00000000000001 in floats
+    assert min_area_pixels(0.0, 10, 10) == 1  # an empty part is never an instance
+    with pytest.raises(ValueError, match="fraction"):
+        min_area_pixels(1.5, 10, 10)
+    scores = np.zeros((1, 100, 100), np.float32)
+    scores[0, 10, 10:67] = 0.9  # 57 px
+    scores[0, 50, 10:66] = 0.9  # 56 px
+    kept = proposal_to_instances(Proposal(("a",), scores), PostprocessConfig(min_area=0.0057))
+    assert [i.area for i in kept] == [57]
