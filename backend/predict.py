@@ -1,9 +1,11 @@
 """Batch prediction over image files: the job behind ``ovss-label predict``.
 
-Writes what Label Studio imports: one task per image, ``{"data": {<key>: <url>}, "predictions":
-[{"model_version", "score", "result"}]}``, with results for the project's controls (brush RLE,
-polygons or both). A file that cannot be decoded or fails in the model is reported and skipped;
-the others still get predictions.
+Writes what Label Studio imports: one task per image, ``{"data": {<key>: <url>}, "meta":
+{"original_width", "original_height"}, "predictions": [{"model_version", "score", "result"}]}``,
+with results for the project's controls (brush RLE, polygons or both). ``meta`` is the size
+Label Studio shows (EXIF orientation applied), so a task without regions still has a size on
+export. A file that cannot be decoded or fails in the model is reported and skipped; the others
+still get predictions.
 """
 
 from __future__ import annotations
@@ -11,24 +13,42 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ovss_label.converters import CocoWriter, Instance, instances_to_results, write_overlay
+from ovss_label.converters import (
+    CocoWriter,
+    Instance,
+    instances_to_results,
+    write_overlay,
+)
 from ovss_label.images import load_rgb
 from ovss_label.ontologies import BRUSH_TAG, IMAGE_TAG, POLYGON_TAG, Vocabulary, class_colors
 
+from .models.fingerprints import TINY
 from .proposers import FeatureCache, PostprocessConfig, Proposer, proposal_to_instances, propose
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+TINY_BANNER = "TINY RANDOM MODEL: MEANINGLESS"
+"""Drawn on overlays made by tiny random twins, so a picture is never taken for a result."""
 
 
-def collect_images(patterns: Sequence[str]) -> list[Path]:
+def collect_images(patterns: Sequence[str], *, recursive: bool = False) -> list[Path]:
     """Image files named by files, folders (their images, sorted) and globs, in given order.
+
+    Paths are absolute but not symlink-resolved: Label Studio serves a file by the path under
+    its document root, which may run through a symlink. A file named twice is kept once.
+
+    Args:
+        patterns: Files, folders or globs (``**`` matches sub-folders in a glob).
+        recursive: Folders include the images of their sub-folders (symlinked folders are not
+            followed, so a link loop cannot recurse forever).
 
     Raises:
         ValueError: A path matches nothing, or no image at all was found.
@@ -37,7 +57,7 @@ def collect_images(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += _folder_images(path, recursive)
         elif path.is_file():
             found.append(path)
         else:
@@ -45,10 +65,24 @@ def collect_images(patterns: Sequence[str]) -> list[Path]:
             if not matches:
                 raise ValueError(f"{pattern}: no such file, folder or glob match")
             found += [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES]
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    if not unique:
+    unique: dict[Path, Path] = {}
+    for found_path in found:  # keyed by the real file, so a file named twice is kept once
+        unique.setdefault(found_path.resolve(), Path(os.path.abspath(found_path)))
+    images = list(unique.values())
+    if not images:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {list(patterns)}")
-    return unique
+    return images
+
+
+def _folder_images(folder: Path, recursive: bool) -> list[Path]:
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def unsearched_folders(patterns: Sequence[str]) -> list[Path]:
+    """Sub-folders of the folders in ``patterns``: what ``recursive=False`` did not search."""
+    folders = [Path(p) for p in patterns if Path(p).is_dir()]
+    return sorted(sub for folder in folders for sub in folder.iterdir() if sub.is_dir())
 
 
 @dataclass(frozen=True)
@@ -108,21 +142,24 @@ class Output:
             image.value.lstrip("$"),
         )
 
-    def results(self, instances: list[Instance]) -> list[dict[str, Any]]:
-        """Label Studio result items for one image's instances."""
+    def results(self, instances: list[Instance], min_area: float = 0.0) -> list[dict[str, Any]]:
+        """Label Studio result items for one image's instances; no polygon part is smaller
+        than ``min_area`` (a fraction of the image, as ``PostprocessConfig.min_area``)."""
         results: list[dict[str, Any]] = instances_to_results(
             instances,
             self.kind,
             brush_name=self.brush_name,
             polygon_name=self.polygon_name,
             to_name=self.to_name,
+            min_area_fraction=min_area,
         )
         return results
 
 
 @dataclass
 class PredictReport:
-    """What a run did: images predicted, instances written, files skipped with reasons."""
+    """What a run did: images predicted, instances written, files skipped with reasons (the
+    reason does not repeat the file's path: a report names it once)."""
 
     predicted: int = 0
     instances: int = 0
@@ -130,11 +167,20 @@ class PredictReport:
 
 
 def relative_name(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` in POSIX form; absolute when it is outside ``root``."""
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()
+    """``path`` relative to ``root`` in POSIX form, as Label Studio's local-files URL takes it.
+
+    Compared as given first (a path through a symlink under ``root`` stays under it), then
+    with both resolved.
+
+    Raises:
+        ValueError: ``path`` is not under ``root`` (Label Studio would not serve it).
+    """
+    for mine, base in ((path.absolute(), root.absolute()), (path.resolve(), root.resolve())):
+        try:
+            return Path(os.path.normpath(mine)).relative_to(os.path.normpath(base)).as_posix()
+        except ValueError:
+            continue
+    raise ValueError(f"{path} is not under the document root {root}")
 
 
 def local_files_url(path: Path, root: Path, prefix: str = "/data/local-files/?d=") -> str:
@@ -158,7 +204,9 @@ def predict_files(
 ) -> tuple[list[dict[str, Any]], PredictReport]:
     """Predicts every image; returns Label Studio tasks (one per readable image) and a report."""
     post = postprocess or PostprocessConfig()
+    version = proposer.model_version
     colors = dict(zip(vocabulary.names, class_colors(len(vocabulary)), strict=True))
+    banner = TINY_BANNER if uses_tiny_models(version) else ""
     tasks, report = [], PredictReport()
     names = overlay_names(paths)
     for path in paths:
@@ -166,33 +214,57 @@ def predict_files(
             image = load_rgb(path)
             instances = proposal_to_instances(propose(proposer, image, vocabulary, cache), post)
         except (ValueError, RuntimeError, OSError, MemoryError) as exc:
-            log.warning("skipped %s: %s", path, exc)
-            report.failed.append((path, str(exc)))
+            # Reported by the caller from `report`; a log line too would say it twice.
+            log.debug("skipped %s: %s", path, exc)
+            report.failed.append((path, _reason(exc, path)))
         else:
-            url = url_for(path)
-            tasks.append(_task(url, output, instances, proposer.model_version))
+            height, width = image.shape[:2]  # the oriented frame: EXIF applied by load_rgb
+            size = (width, height)
+            tasks.append(_task(url_for(path), output, instances, version, size, post.min_area))
             report.predicted += 1
             report.instances += len(instances)
             if coco is not None:
-                image_id = coco.add_image(name_for(path), image.shape[1], image.shape[0])
+                image_id = coco.add_image(name_for(path), width, height)
                 for inst in instances:
                     coco.add_instance(image_id, inst)
             if overlay_dir is not None:
                 target = overlay_dir / names[path]
-                write_overlay(target, image, instances, colors, title=proposer.model_version)
+                write_overlay(target, image, instances, colors, title=version, banner=banner)
         if advance:
             advance(path)
     return tasks, report
 
 
-def _task(url: str, output: Output, instances: list[Instance], version: str) -> dict[str, Any]:
+def _task(
+    url: str,
+    output: Output,
+    instances: list[Instance],
+    version: str,
+    size: tuple[int, int],
+    min_area: float,
+) -> dict[str, Any]:
     scores = [inst.score for inst in instances if inst.score is not None]
     prediction = {
         "model_version": version,
         "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
-        "result": output.results(instances),
+        "result": output.results(instances, min_area),
     }
-    return {"data": {output.data_key: url}, "predictions": [prediction]}
+    meta = {"original_width": size[0], "original_height": size[1]}
+    return {"data": {output.data_key: url}, "meta": meta, "predictions": [prediction]}
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    """``exc``'s message without ``path`` in it (decoders name the file, often twice)."""
+    text = str(exc)
+    for form in (f"'{path}'", f'"{path}"', str(path)):
+        text = text.replace(form, "")
+    return re.sub(r"\s+:", ":", " ".join(text.split())) or type(exc).__name__
+
+
+def uses_tiny_models(version: str) -> bool:
+    """True when a ``model_version`` names a tiny random twin: its weights fingerprint
+    (``-w<fingerprint>``, one per model of a ``+`` chain) is the twins' ``tiny``."""
+    return re.search(rf"-w{TINY}(\+|$)", version) is not None
 
 
 def overlay_names(paths: Sequence[Path]) -> dict[Path, str]:
@@ -207,6 +279,7 @@ def overlay_names(paths: Sequence[Path]) -> dict[Path, str]:
 
 
 __all__ = [
+    "TINY_BANNER",
     "Output",
     "PredictReport",
     "collect_images",
@@ -214,4 +287,6 @@ __all__ = [
     "overlay_names",
     "predict_files",
     "relative_name",
+    "unsearched_folders",
+    "uses_tiny_models",
 ]

@@ -103,7 +103,7 @@ def test_predict_follows_a_label_config(photos, tmp_path):
     )
     out = tmp_path / "tasks.json"
     result = _predict([str(photos / "chelsea.png"), "--label-config", str(config), "-o", str(out),
-                       "--background", "none"])  # fmt: skip
+                       "--background", "none", "--document-root", str(photos)])  # fmt: skip
     assert result.exit_code == 0, result.output
     task = json.loads(out.read_text())[0]
     assert list(task["data"]) == ["photo"]
@@ -132,7 +132,8 @@ def test_predict_uses_real_weights_from_the_weights_dir(
     monkeypatch.setattr(clip, "_openai_cfg", lambda arch: clip.TINY_CLIP_CFG)
     out = tmp_path / "tasks.json"
     result = CliRunner().invoke(cli, ["predict", str(photos / "coffee.png"), "--ontology", "voc",
-                                      "-o", str(out), "--background", "none"])  # fmt: skip
+                                      "-o", str(out), "--background", "none",
+                                      "--document-root", str(photos)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "MEANINGLESS" not in result.output
     version = json.loads(out.read_text())[0]["predictions"][0]["model_version"]
@@ -145,8 +146,10 @@ def test_predict_uses_real_weights_from_the_weights_dir(
 
 def test_predict_without_weights_fails_with_one_clear_line(photos, tmp_path):
     result = CliRunner().invoke(
-        cli, ["predict", str(photos), "--labels", "cat", "-o", str(tmp_path / "t.json")]
-    )
+        cli,
+        ["predict", str(photos), "--labels", "cat", "-o", str(tmp_path / "t.json"),
+         "--document-root", str(photos)],
+    )  # fmt: skip
     assert result.exit_code == 1
     assert (
         "ovss-label models pull clip_vit_b16" in result.output and "Traceback" not in result.output
@@ -210,7 +213,8 @@ def test_no_pamr_option_reaches_the_proposer(photos, tmp_path, monkeypatch):
 
     monkeypatch.setattr(proposers, "create_proposer", spy)
     out = tmp_path / "t.json"
-    result = _predict([str(photos / "coffee.png"), "--labels", "cup", "-o", str(out), "--no-pamr"])
+    result = _predict([str(photos / "coffee.png"), "--labels", "cup", "-o", str(out), "--no-pamr",
+                       "--document-root", str(photos)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert seen["pamr_steps"] == 0 and seen["map_cache_mb"] == 0
     assert "pamr0" in json.loads(out.read_text())[0]["predictions"][0]["model_version"]
@@ -221,7 +225,7 @@ def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path, method):
     out = tmp_path / "tasks.json"
     args = [str(photos / "chelsea.png"), str(photos / "broken.jpg"), "--labels", "cat, cup",
             "--method", method, "-o", str(out), "--coco", str(tmp_path / "coco.json"),
-            "--overlays", str(tmp_path / "png")]  # fmt: skip
+            "--overlays", str(tmp_path / "png"), "--document-root", str(photos)]  # fmt: skip
     result = _predict(args)
     assert result.exit_code == 0, result.output
     tasks = json.loads(out.read_text())

@@ -195,7 +195,8 @@ class Engine:
         try:
             image = self._image(task, project)
             proposal = propose(self.proposer(project.method), image, project.vocabulary, self.cache)
-            instances = proposal_to_instances(proposal, PostprocessConfig())
+            post = PostprocessConfig(min_score=project.min_score)  # the project's threshold
+            instances = proposal_to_instances(proposal, post)
         except Exception as exc:  # any failure stays this task's: the batch must go on
             reason = f"{type(exc).__name__}: {_safe(exc)}"
             if _transient(exc):
@@ -205,7 +206,7 @@ class Engine:
             return self._empty(project.method)
         scores = [i.score for i in instances if i.score is not None]
         return {
-            "result": project.output.results(instances),
+            "result": project.output.results(instances, post.min_area),
             "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
             "model_version": self.model_version(project.method),
         }

@@ -8,12 +8,16 @@ configs: 64 small configs and 64 ten-megabyte ones are not the same memory.
 
 The method of a project: the ``ovss_method`` attribute of its BrushLabels/PolygonLabels
 control (e.g. ``<BrushLabels name="tag" toName="image" ovss_method="naclip+sam">``), else the
-server default. The vocabulary: the config's labels with their ``predicted_values``.
+server default. Its score threshold: ``ovss_min_score`` on the same control (e.g.
+``ovss_min_score="0.3"``: proposals scoring below 0.3 are not sent; default 0, all are). The
+vocabulary: the config's labels with their ``predicted_values``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from ovss_label.methods import METHODS
 from ovss_label.ontologies import Vocabulary
@@ -24,11 +28,13 @@ from ..predict import Output
 
 @dataclass(frozen=True)
 class Project:
-    """What a labeling config tells the server: method, vocabulary, result controls."""
+    """What a labeling config tells the server: method, vocabulary, result controls, and the
+    score below which proposals are dropped."""
 
     method: str
     vocabulary: Vocabulary
     output: Output
+    min_score: float = 0.0
 
 
 def parse_project(label_config: str, default_method: str) -> Project:
@@ -43,14 +49,34 @@ def parse_project(label_config: str, default_method: str) -> Project:
     except Exception as exc:  # the SDK raises its own types for XML and schema errors
         raise ValueError(f"cannot parse the labeling config: {exc}") from exc
     output = Output.from_interface(interface, None)
-    method = default_method
-    for control in interface.controls:
-        chosen = control.attr.get("ovss_method") if hasattr(control, "attr") else None
-        if chosen:
-            method = str(chosen)
+    method = _control_attribute(interface, "ovss_method") or default_method
     if method not in METHODS:
         raise ValueError(f"ovss_method {method!r} is not one of {', '.join(METHODS)}")
-    return Project(method, Vocabulary.from_interface(interface), output)
+    min_score = _min_score(_control_attribute(interface, "ovss_min_score"))
+    return Project(method, Vocabulary.from_interface(interface), output, min_score)
+
+
+def _control_attribute(interface: Any, name: str) -> str | None:
+    """Attribute ``name`` of the config's controls; the last control that sets it wins."""
+    value = None
+    for control in interface.controls:
+        chosen = control.attr.get(name) if hasattr(control, "attr") else None
+        if chosen:
+            value = str(chosen)
+    return value
+
+
+def _min_score(value: str | None) -> float:
+    """``ovss_min_score`` as a number in [0, 1] (scores are); absent is 0 (keep all)."""
+    if value is None:
+        return 0.0
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0.0 <= number <= 1.0:  # also refuses nan
+        raise ValueError(f'ovss_min_score="{value}" is not a number from 0 to 1, e.g. "0.3"')
+    return number
 
 
 def _cost(label_config: str, project: Project | ValueError) -> int:

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ovss_label.converters import CocoWriter, write_json_atomic
+from ovss_label.converters import CocoWriter
 from ovss_label.methods import METHODS, SAM_MODELS
 from ovss_label.ontologies import Vocabulary, label_config, load
+
+if TYPE_CHECKING:  # the backend imports torch: loaded only when a command needs it
+    from ovss_label.backend.predict import Output, PredictReport
+    from ovss_label.backend.proposers import PostprocessConfig, Proposer
 
 FORMATS = ("brush", "polygon", "both")
 
@@ -58,12 +64,22 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
 @click.option("--coco", type=click.Path(dir_okay=False, path_type=Path), help="Also write COCO.")
 @click.option("--overlays", type=click.Path(file_okay=False, path_type=Path), help="PNG folder.")
 @click.option("--min-area", default=0.001, show_default=True, help="Smallest part, image fraction.")
+@click.option(
+    "--min-score",
+    type=click.FloatRange(0, 1),
+    help="Drop instances scoring below this (0-1; default: keep all). In the server, a "
+    'project sets it on its BrushLabels/PolygonLabels control: ovss_min_score="0.3".',
+)
 @click.option("--split", type=click.Choice(["components", "class"]), default="components")
 @click.option(
     "--document-root",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=".",
-    help="Label Studio LOCAL_FILES_DOCUMENT_ROOT; URLs are relative to it.",
+    help="Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT: task URLs are relative to "
+    "it, so every image must be under it. Default: the current folder.",
+)
+@click.option(
+    "-r", "--recursive", is_flag=True, help="Also search the sub-folders of folder arguments."
 )
 @click.option("--url-prefix", default="/data/local-files/?d=", show_default=True)
 @click.option(
@@ -107,8 +123,10 @@ def predict(
     coco,
     overlays,
     min_area,
+    min_score,
     split,
     document_root,
+    recursive,
     url_prefix,
     background,
     pamr,
@@ -135,60 +153,113 @@ def predict(
     if project is not None:
         from ovss_label.commands.predict_project import run_project
 
+        if min_score is not None:  # run_project uses the server's engine and the project's config
+            raise click.UsageError(
+                "--min-score is for files; a project's threshold is the ovss_min_score "
+                "attribute of its BrushLabels/PolygonLabels control"
+            )
         run_project(project, url, api_key, method=method, tiny=tiny, device=device)
         return
     if not paths or output is None:
         raise click.UsageError("give PATHS and -o OUTPUT, or --project ID")
-    from ovss_label.backend.predict import (
-        Output,
-        collect_images,
-        local_files_url,
-        predict_files,
-        relative_name,
-    )
+    from ovss_label.backend.predict import Output, collect_images, unsearched_folders
     from ovss_label.backend.proposers import PostprocessConfig
+    from ovss_label.converters import write_json_atomic as write_json
 
     config_xml = config_path.read_text(encoding="utf-8") if config_path else None
     vocab = _vocabulary(labels, ontology, config_xml)
     try:
-        images = collect_images(paths)
+        images = collect_images(paths, recursive=recursive)
         target = Output.from_label_config(config_xml, fmt) if config_xml else Output(fmt or "brush")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    # Each file is scored once: no feature or refined-map caches to fill memory with.
-    options: dict[str, Any] = {}
-    if method.startswith("naclip"):
-        options.update(background=background, pamr_steps=10 if pamr else 0, map_cache_mb=0)
-    if "sam" in method:
-        options.update(sam_model=sam_model, sam_checkpoint=sam_checkpoint)
+    _check_document_root(images, document_root)
+    options = _options(method, background, pamr, sam_model, sam_checkpoint)
     proposer = _proposer(method, tiny, checkpoint, device, options)
     writer = CocoWriter(vocab.names) if coco else None
     if overlays:
         overlays.mkdir(parents=True, exist_ok=True)
+    post = PostprocessConfig(min_area=min_area, split=split, min_score=min_score or 0.0)
+    roots = (document_root, url_prefix)
+    tasks, report = _run(proposer, vocab, images, target, post, writer, overlays, roots)
+    write_json(output, tasks, indent=1)
+    if not config_xml:
+        config_path = output.with_name(output.stem + ".label_config.xml")
+        config_path.write_text(label_config(vocab, target.kind), encoding="utf-8")
+    if writer:
+        write_json(coco, writer.to_dict())
+    unsearched = 0 if recursive else len(unsearched_folders(paths))
+    _summary(report, output, proposer.model_version, unsearched)
+    if report.failed and fail_on_skip:
+        raise SystemExit(1)
+
+
+def _run(
+    proposer: Proposer,
+    vocab: Vocabulary,
+    images: list[Path],
+    target: Output,
+    post: PostprocessConfig,
+    writer: CocoWriter | None,
+    overlays: Path | None,
+    roots: tuple[Path, str],
+) -> tuple[list[dict[str, Any]], PredictReport]:
+    """``predict_files`` under a progress bar; returns its tasks and report."""
+    from ovss_label.backend.predict import local_files_url, predict_files, relative_name
+
+    document_root, url_prefix = roots
     with _progress() as bar:
         job = bar.add_task("predicting", total=len(images))
-        tasks, report = predict_files(
+        result = predict_files(
             proposer,
             vocab,
             images,
             output=target,
             url_for=lambda p: local_files_url(p, document_root, url_prefix),
             name_for=lambda p: relative_name(p, document_root),
-            postprocess=PostprocessConfig(min_area=min_area, split=split),
+            postprocess=post,
             cache=None,
             coco=writer,
             overlay_dir=overlays,
             advance=lambda p: bar.update(job, advance=1, description=p.name),
         )
-    write_json_atomic(output, tasks, indent=1)
-    if not config_xml:
-        config_path = output.with_name(output.stem + ".label_config.xml")
-        config_path.write_text(label_config(vocab, target.kind), encoding="utf-8")
-    if writer:
-        write_json_atomic(coco, writer.to_dict())
-    _summary(report, output, proposer.model_version)
-    if report.failed and fail_on_skip:
-        raise SystemExit(1)
+        # The last file may have been skipped: the summary reports it, the bar says done.
+        bar.update(job, description="done")
+    return result
+
+
+def _check_document_root(images: Sequence[Path], root: Path) -> None:
+    """Every image must be under ``root``: Label Studio serves nothing else (one-line error
+    naming a root that would do)."""
+    from ovss_label.backend.predict import relative_name
+
+    outside = []
+    for path in images:
+        try:
+            relative_name(path, root)
+        except ValueError:
+            outside.append(path)
+    if outside:
+        common = os.path.commonpath([str(p.parent) for p in images])
+        raise click.ClickException(
+            f"{len(outside)} of {len(images)} images are outside --document-root {root} "
+            f"(e.g. {outside[0]}); Label Studio serves only files under its "
+            f"LOCAL_FILES_DOCUMENT_ROOT, which --document-root names: e.g. --document-root "
+            f"{common}"
+        )
+
+
+def _options(
+    method: str, background: str, pamr: bool, sam_model: str, sam_checkpoint: str | None
+) -> dict[str, Any]:
+    """The method's options from the command line."""
+    # Each file is scored once: no feature or refined-map caches to fill memory with.
+    options: dict[str, Any] = {}
+    if method.startswith("naclip"):
+        options.update(background=background, pamr_steps=10 if pamr else 0, map_cache_mb=0)
+    if "sam" in method:
+        options.update(sam_model=sam_model, sam_checkpoint=sam_checkpoint)
+    return options
 
 
 def _proposer(
@@ -215,13 +286,19 @@ def _progress() -> Progress:
     )
 
 
-def _summary(report: Any, output: Path, version: str) -> None:
-    console = Console(stderr=True)
-    table = Table(title=f"predict -> {output} ({version})")
+def _summary(report: PredictReport, output: Path, version: str, unsearched: int) -> None:
+    """The table, then one line per skipped file (the only place a skip is reported)."""
+    console = Console(stderr=True, highlight=False)
+    table = Table(title=f"predict -> {output}")
     table.add_column("images predicted", justify="right")
     table.add_column("instances", justify="right")
     table.add_column("skipped", justify="right")
     table.add_row(str(report.predicted), str(report.instances), str(len(report.failed)))
     console.print(table)
+    # soft_wrap: a version or a path is never broken across lines (copy-paste works).
+    console.print(f"model_version {escape(version)}", soft_wrap=True)
+    if unsearched:
+        folders = "sub-folder was" if unsearched == 1 else "sub-folders were"
+        console.print(f"{unsearched} {folders} not searched (--recursive searches them)")
     for path, reason in report.failed:
-        console.print(f"[yellow]skipped[/] {path}: {reason}")
+        console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(reason)}", soft_wrap=True)
