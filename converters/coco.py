@@ -16,14 +16,18 @@ Format contract (cocodataset.org "Data format", pycocotools ``mask.py``)
   ``rle`` (always RLE), ``auto`` (polygons unless the mask has holes or its polygons would not
   reproduce it: IoU < ``min_polygon_iou``). An instance that came from vector data (a Label
   Studio polygon or rectangle) keeps its own vertices as polygons.
+- ``export_tasks_to_coco`` / ``CocoTaskWriter``: Label Studio tasks (``ls_tasks``) to COCO.
+  Images keep ``ls_task_id`` (when the task has an id) and ``ls_image_url``, which
+  ``import --coco`` uses to point new tasks back to the same images.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,14 +37,19 @@ from numpy.typing import NDArray
 from pycocotools import mask as coco_mask
 
 from .instance import Instance
+from .ls_regions import Prefer
+from .ls_tasks import ExportReport, ImageSizeLookup, Skipped, TaskImage, TaskSource, export_images
 from .polygons import mask_to_polygons, polygons_to_mask, ring_to_flat
 
 __all__ = [
     "SEGMENTATION_MODES",
     "CocoError",
     "CocoImage",
+    "CocoTaskWriter",
     "CocoWriter",
     "annotation_to_instance",
+    "export_tasks_to_coco",
+    "polygon_rings",
     "read_coco",
     "write_json_atomic",
 ]
@@ -136,21 +145,12 @@ class CocoWriter:
         return annotation
 
     def _segmentation(self, instance: Instance) -> list[list[float]] | dict[str, Any]:
-        if self.segmentation == "rle":
+        rings = polygon_rings(instance, self.segmentation, self.tolerance_px, self.min_polygon_iou)
+        if rings is None:
             return _rle_json(instance.mask)
-        if instance.polygons is not None:
-            return [ring_to_flat(r) for r in instance.polygons]
-        if self.segmentation == "auto" and instance.has_holes():
-            return _rle_json(instance.mask)
-        polygons = mask_to_polygons(instance.mask, self.tolerance_px)
-        rings = [ring_to_flat(p.exterior.coords) for p in polygons]
-        if self.segmentation == "polygon":
+        if self.segmentation == "polygon" and instance.polygons is None:
             self.holes_filled += int(instance.has_holes())
-            return rings
-        drawn = polygons_to_mask(rings, instance.height, instance.width)
-        if _iou(drawn, instance.mask) < self.min_polygon_iou:
-            return _rle_json(instance.mask)
-        return rings
+        return [ring_to_flat(r) for r in rings]
 
     def to_dict(self) -> dict[str, Any]:
         categories = [
@@ -169,6 +169,35 @@ class CocoWriter:
 def _rle_json(mask: NDArray[Any]) -> dict[str, Any]:
     rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def polygon_rings(
+    instance: Instance,
+    segmentation: SegmentationMode = "auto",
+    tolerance_px: float = 1.0,
+    min_polygon_iou: float = 0.98,
+) -> list[NDArray[Any]] | None:
+    """The rings to write for an instance in a segmentation mode, or None for a raster (RLE).
+
+    Vector sources keep their own vertices; masks are traced with ``mask_to_polygons`` and
+    give one exterior ring per part (holes are not kept). ``auto`` returns None for masks with
+    holes and masks whose rings, rasterised, overlap them by less than ``min_polygon_iou``.
+
+    Returns:
+        (N, 2) xy rings in the pixel-edge frame, or None.
+    """
+    if segmentation == "rle":
+        return None
+    if instance.polygons is not None:
+        return [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in instance.polygons]
+    if segmentation == "auto" and instance.has_holes():
+        return None
+    polygons = mask_to_polygons(instance.mask, tolerance_px)
+    rings = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
+    if segmentation == "polygon":
+        return rings
+    drawn = polygons_to_mask(rings, instance.height, instance.width)
+    return rings if _iou(drawn, instance.mask) >= min_polygon_iou else None
 
 
 def _as_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
@@ -276,14 +305,104 @@ def _load(source: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
-    """Writes JSON to a temp file next to ``path`` and renames it: never a half-written file."""
+    """Writes JSON to a temp file next to ``path`` and renames it: never a half-written file.
+
+    The file gets the mode ``open()`` would give: an existing file keeps its mode, a new one
+    0o666 less the umask (the temp file is created 0600 and the rename would keep that).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it and put it back; commands write
+    # their outputs from one thread, after the work is done, so nothing else sees the 0.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class CocoTaskWriter:
+    """``ls_tasks.ImageWriter`` for COCO; ``path``, if given, is written on ``close``."""
+
+    name = "COCO"
+
+    def __init__(
+        self,
+        categories: Sequence[str],
+        *,
+        segmentation: SegmentationMode = "auto",
+        tolerance_px: float = 1.0,
+        path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.coco = CocoWriter(categories, segmentation=segmentation, tolerance_px=tolerance_px)
+        self.path = path
+
+    @property
+    def holes_filled(self) -> int:
+        return self.coco.holes_filled
+
+    def add(self, image: TaskImage, report: ExportReport) -> None:
+        # Keep the task id and URL: `import --coco` points new tasks back to the same images.
+        extra = {"ls_task_id": image.task_id} if image.task_id is not None else {}
+        image_id = self.coco.add_image(
+            image.file_name, image.width, image.height, **extra, ls_image_url=image.url
+        )
+        for region, inst in image.regions:
+            if self.coco.add_instance(image_id, inst) is None:  # polygons drawing no pixel
+                reason = "empty region (no pixels)"
+                report.skipped.append(Skipped(image.task_id, region, reason, image.task))
+
+    def close(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self.coco.to_dict())
+
+
+def export_tasks_to_coco(
+    tasks: Iterable[dict[str, Any]],
+    *,
+    categories: Sequence[str] | None = None,
+    segmentation: SegmentationMode = "auto",
+    include_predictions: bool = False,
+    data_key: str | None = None,
+    image_size: ImageSizeLookup | None = None,
+    tolerance_px: float = 1.0,
+    prefer: Prefer = "brush",
+) -> tuple[dict[str, Any], ExportReport]:
+    """Converts Label Studio tasks to a COCO instances dict.
+
+    Args:
+        tasks: the tasks of a Label Studio JSON export.
+        categories: category order (label-config or ontology order); None sorts the labels met.
+        segmentation: ``polygon``, ``rle`` or ``auto`` (see the module docstring).
+        tolerance_px: polygon simplification tolerance in pixels.
+        include_predictions, data_key, image_size, prefer: see ``TaskSource``.
+
+    Returns:
+        The COCO dict and the report. A bad region is skipped and reported with its task; the
+        rest of the task is exported.
+    """
+    source = TaskSource(
+        tasks,
+        include_predictions=include_predictions,
+        data_key=data_key,
+        image_size=image_size,
+        prefer=prefer,
+    )
+    names = categories if categories is not None else source.labels()
+    writer = CocoTaskWriter(names, segmentation=segmentation, tolerance_px=tolerance_px)
+    report = export_images(source, [writer], categories)
+    return writer.coco.to_dict(), report

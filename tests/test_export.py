@@ -69,12 +69,14 @@ def test_export_loads_in_pycocotools_and_scores_ap_1(tmp_path: Path) -> None:
     assert evaluation.stats[0] == pytest.approx(1.0)
     assert [c["name"] for c in coco["categories"]] == ["cat", "dog", "person", "car", "tree"]
     names = [im["file_name"] for im in coco["images"]]
+    # Paths, not base names: uploads under Label Studio's media folder, local files relative
+    # to the document root (URL-decoded).
     assert names == [
-        "3f2a1b4c-street.jpg",
-        "park east.png",
-        "aa11bb22-empty.jpg",
-        "ee55ff66-broken.jpg",
-        "12345678-editor.jpg",
+        "upload/7/3f2a1b4c-street.jpg",
+        "photos/park east.png",
+        "upload/7/aa11bb22-empty.jpg",
+        "upload/7/ee55ff66-broken.jpg",
+        "upload/7/12345678-editor.jpg",
     ]
     assert [im["ls_task_id"] for im in coco["images"]] == [101, 102, 103, 105, 107]
 
@@ -171,6 +173,18 @@ def test_image_dir_gives_sizes_of_unannotated_images(tmp_path: Path) -> None:
     assert [(im["width"], im["height"]) for im in coco["images"]] == [(30, 40)]
 
 
+def test_image_dir_is_searched_by_path_first(tmp_path: Path) -> None:
+    for folder, size in (("photos", (40, 30)), ("photos2", (20, 10))):
+        (tmp_path / "imgs" / folder).mkdir(parents=True)
+        Image.new("RGB", size).save(tmp_path / "imgs" / folder / "a.png")
+    tasks = [
+        empty(f"/data/local-files/?d={d}/a.png", id=i) for i, d in enumerate(["photos2", "photos"])
+    ]
+    source = write_tasks(tmp_path, tasks)
+    coco = export(tmp_path, "--image-dir", str(tmp_path / "imgs"), source=source)
+    assert [(im["width"], im["height"]) for im in coco["images"]] == [(20, 10), (40, 30)]
+
+
 def test_usage_errors(tmp_path: Path) -> None:
     out = str(tmp_path / "o.json")
     assert "--coco" in run("export", str(LS_EXPORT), "-o", out).output
@@ -183,6 +197,93 @@ def test_usage_errors(tmp_path: Path) -> None:
     garbage = tmp_path / "g.json"
     garbage.write_text("[{")
     assert "not a JSON file" in run("export", "--coco", str(garbage), "-o", out).output
+
+
+def write_tasks(tmp_path: Path, tasks: list[dict]) -> Path:
+    path = tmp_path / "tasks.json"
+    path.write_text(json.dumps(tasks))
+    return path
+
+
+def empty(url: str, **fields: Any) -> dict:
+    """A task whose latest annotation says "nothing here"."""
+    return {"data": {"image": url}, "annotations": [{"id": 1, "result": []}], **fields}
+
+
+def test_file_names_keep_paths_so_equal_base_names_stay_apart(tmp_path: Path) -> None:
+    urls = [
+        "/data/local-files/?d=photos/a.png",
+        "/data/local-files/?d=photos2/a.png",
+        "/data/upload/3/abc-a.png",
+        "http://one.test/img/a.png",
+        "http://two.test:8080/img/a.png",  # same path, another host: a different file
+        "s3://bucket/img/a.png",
+        "/data/local-files/?d=photos/a.png",  # the same file again: the same name
+    ]
+    meta = {"original_width": 4, "original_height": 3}
+    tasks = [empty(u, id=i, meta=meta) for i, u in enumerate(urls, 1)]
+    coco = export(tmp_path, source=write_tasks(tmp_path, tasks))
+    assert [im["file_name"] for im in coco["images"]] == [
+        "photos/a.png",
+        "photos2/a.png",
+        "upload/3/abc-a.png",
+        "img/a.png",
+        "two.test_8080/img/a.png",
+        "bucket/img/a.png",
+        "photos/a.png",
+    ]
+    assert [im["ls_image_url"] for im in coco["images"]] == urls
+
+
+def test_sizes_come_from_results_then_task_meta_without_image_dir(tmp_path: Path) -> None:
+    square = [[10.0, 10.0], [50.0, 10.0], [50.0, 50.0], [10.0, 50.0]]
+    polygon = {
+        "id": "p1",
+        "type": "polygonlabels",
+        "original_width": 80,
+        "original_height": 60,
+        "value": {"points": square, "polygonlabels": ["car"]},
+    }
+    tasks = [
+        # `predict` output for an image with nothing found: the size is only in meta
+        {
+            "data": {"image": "/data/local-files/?d=p/none.png"},
+            "meta": {"original_width": 40, "original_height": 30},
+            "predictions": [{"model_version": "m", "result": []}],
+        },
+        # results come first: this meta is wrong on purpose
+        {
+            "id": 2,
+            "data": {"image": "/data/local-files/?d=p/car.png"},
+            "meta": {"original_width": 1, "original_height": 1},
+            "annotations": [{"id": 5, "result": [polygon]}],
+        },
+    ]
+    coco = export(tmp_path, "--include-predictions", source=write_tasks(tmp_path, tasks))
+    assert [(im["file_name"], im["width"], im["height"]) for im in coco["images"]] == [
+        ("p/none.png", 40, 30),
+        ("p/car.png", 80, 60),
+    ]
+    assert "ls_task_id" not in coco["images"][0]  # a task without id: no null id
+    (ann,) = coco["annotations"]
+    assert ann["area"] == 32 * 24  # pycocotools: 40% x 40% of 80 x 60
+
+
+def test_skipped_tasks_are_named_by_id_image_or_position(tmp_path: Path) -> None:
+    tasks = [
+        {"data": {"image": "/data/local-files/?d=p/no-size.png"}, "annotations": [{"result": []}]},
+        {"data": {"a": "x.png", "b": "y.png"}, "annotations": [{"result": []}]},
+        empty("/data/upload/1/z.png", id=9),
+    ]
+    out = tmp_path / "coco.json"
+    result = run("export", "--coco", str(write_tasks(tmp_path, tasks)), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "None" not in text
+    assert "skipped image p/no-size.png: image size unknown" in text
+    assert "skipped task #2 in the file: cannot tell which data field" in text
+    assert "skipped task 9: image size unknown" in text
+    assert json.loads(out.read_text())["images"] == []
 
 
 class FakeLabelStudio:

@@ -64,7 +64,8 @@ def test_formats_and_image_root(exported: Path, tmp_path: Path) -> None:
     tasks, config = import_(
         exported, tmp_path, "--format", "brush", "--image-root", "s3://bucket/img"
     )
-    assert tasks[0]["data"]["image"] == "s3://bucket/img/3f2a1b4c-street.jpg"
+    # --image-root is joined with the image's path in the COCO file (Label Studio's upload path).
+    assert tasks[0]["data"]["image"] == "s3://bucket/img/upload/7/3f2a1b4c-street.jpg"
     types = {r["type"] for t in tasks for r in t["predictions"][0]["result"]}
     assert types == {"brushlabels"}
     assert {c.tag for c in LabelInterface(config).controls} == {"BrushLabels"}
