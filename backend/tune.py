@@ -182,6 +182,35 @@ def tuned_path(name: str) -> Path:
     return cache_dir() / "tuned" / f"{name}.json"
 
 
+@dataclass(frozen=True)
+class SearchModels:
+    """The models a search reads, loaded and checked before any image is scored.
+
+    Attributes:
+        blip: ``LoadedBlip`` whose cross-attention GradCAMs are searched.
+        clip: ``LoadedClip`` (ViT-L/14-336) that computes the reward.
+        layers: The layers to search, each inside ``blip`` (all of them when none were given).
+    """
+
+    blip: Any
+    clip: Any
+    layers: list[int]
+
+
+def load_models(layers: list[int] | None = None, *, tiny: bool = False) -> SearchModels:
+    """Loads BLIP and the reward CLIP and checks ``layers`` against the BLIP, so a range past
+    its layers is a one-line ValueError naming the allowed range, before any search."""
+    from .models.blip import attention_grid, check_layer_head
+    from .models.blip_loader import load_blip
+    from .models.clip import build_clip
+
+    blip = load_blip(tiny=tiny or None)
+    n_layers, _ = attention_grid(blip.model)
+    layers = layers or list(range(n_layers))
+    check_layer_head(blip.model, layers, [], blip.name)  # every head is searched: none to check
+    return SearchModels(blip, build_clip("clip_vit_l14_336", tiny=tiny or None), layers)
+
+
 def run_search(
     folder: Path,
     mapping: dict[str, list[str]],
@@ -194,16 +223,19 @@ def run_search(
     tiny: bool = False,
     image_size: int = 336,
     advance: Callable[[], None] | None = None,
+    models: SearchModels | None = None,
 ) -> dict[str, Any]:
-    """The whole search (module docstring); returns the output path and ranked candidates."""
-    from .models.blip_loader import load_blip
-    from .models.clip import build_clip
+    """The whole search (module docstring); returns the output path and ranked candidates.
+
+    ``models`` (:func:`load_models`) are loaded here when not given, with ``layers`` and
+    ``tiny``; a caller that loads them first reports a bad range before showing progress.
+    """
+    from .models.blip import attention_grid
     from .models.clip_text import TextEncoder
 
-    blip = load_blip(tiny=tiny or None)
-    clip = build_clip("clip_vit_l14_336", tiny=tiny or None)
-    heads = blip.model.config.text_config.num_attention_heads
-    layers = layers or list(range(blip.model.config.text_config.num_hidden_layers))
+    models = models or load_models(layers, tiny=tiny)
+    blip, clip, layers = models.blip, models.clip, models.layers
+    _, heads = attention_grid(blip.model)
     clip_size = int(clip.model.visual.image_size[0])
     samples = _samples(folder, mapping, max_images, image_size, clip_size)
     encoder = TextEncoder(clip)

@@ -183,3 +183,26 @@ def test_models_cli_list_and_verify(tmp_path, monkeypatch):
     assert checked.exit_code == 1 and "mismatch" in checked.output
     unknown = runner.invoke(cli, ["models", "pull", "nope"])
     assert unknown.exit_code == 2 and "known:" in unknown.output
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
+def test_models_list_never_shortens_a_name_on_a_narrow_console(tmp_path, monkeypatch, terminal):
+    monkeypatch.setenv("OVSS_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "60")
+    if terminal:  # rich treats the output as a terminal, 60 columns wide
+        monkeypatch.setenv("FORCE_COLOR", "1")
+    else:
+        monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    (tmp_path / "ViT-B-16.pt").write_bytes(b"another file")
+    listed = CliRunner().invoke(cli, ["models", "list"])
+    assert listed.exit_code == 0, listed.output
+    if terminal:  # the table's rows are indented; each weight's source line follows it
+        text = re.sub(r"\x1b\[[0-9;]*m", "", listed.stdout)  # colours
+        firsts = [ln.split()[0] for ln in text.splitlines() if ln.startswith("  ") and ln.strip()]
+        assert set(WEIGHTS) <= set(firsts), text  # whole names: no "clip_vit_…", no halves
+        assert "other" in text and max(len(line) for line in text.splitlines()[:12]) <= 60
+    else:  # plain rows for scripts: one per weight, tab-separated, the title on stderr
+        rows = [line.split("\t") for line in listed.stdout.splitlines()]
+        assert rows[0][0] == "name" and [r[0] for r in rows[1:]] == list(WEIGHTS), rows
+        assert all(len(r) == 6 for r in rows) and rows[1][4].startswith("other ")

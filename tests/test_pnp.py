@@ -287,3 +287,62 @@ def test_the_crf_sees_the_background_and_caption_channels_only():
     crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=image, compat=10)
     expected = np.array(crf.inference(10)).reshape(3, 24, 36).argmax(axis=0)
     np.testing.assert_array_equal(assignment, np.array([-1, 1, 3])[expected])
+
+
+REFERENCE_DEFAULTS = {
+    "image_size": 336, "layer": 7, "head": 9, "rounds": 4, "drop_rule": "topk", "drop_k": 10,
+    "first_twice": True, "threshold": 0.15, "blur_sigma": 0.05, "always_background": True,
+    "last_class_sum": False, "crf": True, "presence": "all", "presence_top_k": 0,
+    "presence_threshold": 0.0,
+}  # fmt: skip
+"""PnpConfig's defaults: the reference README run and the paper's Table 2, number for number."""
+
+
+def test_real_defaults_stay_the_references_and_only_the_tiny_twin_gets_its_settings(monkeypatch):
+    from dataclasses import asdict
+
+    from ovss_label.backend.models.blip import TINY_PNP_SETTINGS
+    from ovss_label.backend.models.blip_loader import LoadedBlip
+    from ovss_label.backend.proposers import pnp_ovss
+
+    assert asdict(pnp_ovss.PnpConfig()) == REFERENCE_DEFAULTS
+    monkeypatch.delenv("OVSS_PNP_TUNED", raising=False)
+    # A stand-in for the real BLIP (no weights offline): what the factory configures is tested.
+    real = LoadedBlip(build_tiny_blip(len(VOCAB)), None, "blip_itm_large_flickr", False)
+    monkeypatch.setattr(pnp_ovss, "load_blip", lambda *args, **kwargs: real)
+    assert asdict(pnp_ovss.create_pnp_ovss(tiny=False).config) == REFERENCE_DEFAULTS
+    assert asdict(pnp_ovss.create_pnp_ovss().config) == REFERENCE_DEFAULTS  # OVSS_TINY unset
+    tiny = pnp_ovss.create_pnp_ovss(tiny=True).config
+    assert asdict(tiny) == {**REFERENCE_DEFAULTS, **TINY_PNP_SETTINGS}
+    assert tiny.layer != REFERENCE_DEFAULTS["layer"]  # the twin's last layer has no gradient
+    assert pnp_ovss.create_pnp_ovss(tiny=True, threshold=0.3).config.threshold == 0.3
+
+
+def test_tiny_pnp_ovss_predicts_regions_on_photos(tmp_path):
+    import json
+    from pathlib import Path
+
+    import skimage.data
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from ovss_label.cli import cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "chelsea", "coffee"):  # the README's kind of example photos
+        photo = Image.fromarray(getattr(skimage.data, name)())
+        photo.thumbnail((160, 160))  # small: the CRF is the slow part at full size
+        photo.save(folder / f"{name}.png")
+    out = tmp_path / "tasks.json"
+    args = ["predict", str(folder), "--labels", "cat, dog, person", "--method", "pnp_ovss",
+            "--tiny", "-o", str(out), "--document-root", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    regions = {
+        Path(t["data"]["image"]).name: len(t["predictions"][0]["result"])
+        for t in json.loads(out.read_text())
+    }
+    assert len(regions) == 3 and sum(regions.values()) >= 1, regions
+    # The loud warning says what the twin runs (rich wraps it: compare without line breaks).
+    assert "PnP-OVSS defaults for it: layer 5, threshold 0" in " ".join(result.output.split())

@@ -101,3 +101,40 @@ def test_tune_runs_resumes_and_is_loaded_by_name(tuning_photos, monkeypatch):
     with pytest.raises(ValueError, match="run ovss-label tune"):
         create_proposer("pnp_ovss", tiny=True, tuned="missing")
     shutil.rmtree(tune.tuned_path("mine").parent)
+
+
+def _error_lines(result) -> list[str]:
+    """The lines click prints for an error (the tiny twins' warnings are on stderr too)."""
+    return [line for line in result.output.splitlines() if line.startswith("Error")]
+
+
+def test_tiny_tune_with_default_layers_is_one_line_naming_the_allowed_range(tuning_photos):
+    folder, labels = tuning_photos
+    result = CliRunner().invoke(cli, ["--tiny", "tune", str(folder), "--labels", str(labels)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and "IndexError" not in result.output
+    assert _error_lines(result) == [
+        "Error: --layers 0-11: layers 8-11 not in blip_tiny: its cross-attention has layers 0-7 "
+        "and heads 0-11"
+    ]
+    assert not tune.tuned_path("tuned").with_suffix(".state.json").exists()  # nothing searched
+
+
+@pytest.mark.parametrize("layers", ["7-5", "six", "-3"])
+def test_a_malformed_layer_range_is_a_usage_error(tuning_photos, layers):
+    folder, labels = tuning_photos
+    args = ["--tiny", "tune", str(folder), "--labels", str(labels), "--layers", layers]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "Invalid value for '--layers'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_layer_and_head_checks_name_the_models_ranges():
+    from ovss_label.backend.models.blip import LayerHeadError, check_layer_head
+    from ovss_label.backend.models.blip_loader import load_blip
+
+    blip = load_blip(tiny=True)
+    check_layer_head(blip.model, range(8), range(12), blip.name)  # all inside: no error
+    with pytest.raises(LayerHeadError, match=r"^layer 9 and heads 12, 15 not in blip_tiny: its "
+                       r"cross-attention has layers 0-7 and heads 0-11$"):  # fmt: skip
+        check_layer_head(blip.model, [9], [15, 12], blip.name)

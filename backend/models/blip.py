@@ -16,6 +16,7 @@ through. :func:`encode_caption` applies LAVIS's convention.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,21 @@ def tiny_blip_config(vocab_size: int, pad: int = 0, sep: int = 3, bos: int | Non
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
 
 
+TINY_PNP_SETTINGS: dict[str, int | float] = {"layer": 5, "threshold": 0.0}
+"""``PnpConfig`` fields PnP-OVSS runs the tiny twin with (``pnp_ovss.create_pnp_ovss``; tuned
+and explicit options override them), so that ``--tiny`` draws some masks on a photo and every
+step runs. The real model's defaults are untouched. Why the reference's do nothing here:
+
+- ``layer`` 7 is the twin's last layer, and the ITM head reads only the ``[ENC]`` token's
+  output of that layer, so the caption words' cross-attention there gets a zero gradient.
+  Layer 5 sits about as deep in 8 layers as the reference's 7 in 12.
+- ``threshold`` 0.15 of a min-max span: random weights give GradCAMs near 1e-14, below the
+  1e-12 floor ``pnp.threshold_maps`` puts under a span (a flat map must not divide by 0), so
+  nothing reaches 0.15. At 0 every positive value is kept; the background channel is then
+  where all classes' GradCAMs are exactly 0 (a negative gradient, clamped).
+"""
+
+
 def build_tiny_blip(vocab_size: int, seed: int = 0, **token_ids: int) -> Any:
     """A random tiny ``BlipForImageTextRetrieval`` built by transformers' own class."""
     from transformers import BlipForImageTextRetrieval
@@ -57,6 +73,47 @@ def build_tiny_blip(vocab_size: int, seed: int = 0, **token_ids: int) -> Any:
         model: Any = BlipForImageTextRetrieval(config)
     model.eval()
     return model
+
+
+class LayerHeadError(ValueError):
+    """A cross-attention layer or head index the model does not have (the message names the
+    allowed ranges)."""
+
+
+def attention_grid(model: Any) -> tuple[int, int]:
+    """(layers, heads) of the text encoder's cross-attention: indices 0..n-1 are valid
+    (BLIP ITM large 12 x 12; the tiny twin 8 x 12)."""
+    text = model.config.text_config
+    return int(text.num_hidden_layers), int(text.num_attention_heads)
+
+
+def check_layer_head(model: Any, layers: Sequence[int], heads: Sequence[int], name: str) -> None:
+    """Raises a one-line :class:`LayerHeadError` naming the allowed ranges when a layer or
+    head index is outside ``model`` (an IndexError deep in the text encoder says neither).
+
+    Args:
+        model: ``BlipForImageTextRetrieval``.
+        layers: Cross-attention layer indices to be read.
+        heads: Head indices to be read.
+        name: The model's name for the message (``LoadedBlip.name``).
+    """
+    n_layers, n_heads = attention_grid(model)
+    bad = [b for b in (_outside("layer", layers, n_layers), _outside("head", heads, n_heads)) if b]
+    if bad:
+        raise LayerHeadError(
+            f"{' and '.join(bad)} not in {name}: its cross-attention has layers "
+            f"0-{n_layers - 1} and heads 0-{n_heads - 1}"
+        )
+
+
+def _outside(kind: str, indices: Sequence[int], n: int) -> str:
+    """``"layers 8-11"`` / ``"head 12"`` for the indices not in ``0..n-1``, ``""`` if none."""
+    values = sorted({i for i in indices if not 0 <= i < n})
+    if not values:
+        return ""
+    run = len(values) > 1 and values == list(range(values[0], values[-1] + 1))
+    listed = f"{values[0]}-{values[-1]}" if run else ", ".join(str(v) for v in values)
+    return f"{kind}{'s' if len(values) > 1 else ''} {listed}"
 
 
 def encode_caption(tokenizer: Any, caption: str) -> tuple[torch.Tensor, torch.Tensor]:

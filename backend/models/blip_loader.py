@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from .blip import BLIP_HUB_IDS, ENC_TOKEN, build_tiny_blip
+from .blip import BLIP_HUB_IDS, ENC_TOKEN, TINY_PNP_SETTINGS, build_tiny_blip
+from .checkpoints import CheckpointError
 from .clip import tiny_requested, warn_tiny
-from .fingerprints import TINY, published_fingerprint, weight_fingerprint
+from .fingerprints import TINY, file_sha256, published_fingerprint, weight_fingerprint
 from .weights import MissingWeightError, find_weight, get_spec, offline, weights_dir
 
 log = logging.getLogger(__name__)
@@ -80,21 +81,43 @@ def load_blip(
     if name not in BLIP_HUB_IDS:
         raise ValueError(f"unknown BLIP {name!r}; known: {', '.join(BLIP_HUB_IDS)}")
     if tiny_requested() if tiny is None else tiny:
-        warn_tiny(f"BLIP twin of {name}")
+        settings = ", ".join(f"{k} {v:g}" for k, v in TINY_PNP_SETTINGS.items())
+        warn_tiny(f"BLIP twin of {name}; PnP-OVSS defaults for it: {settings}")
         tokenizer = tiny_tokenizer()
         model = build_tiny_blip(len(tokenizer), pad=0, sep=3, bos=len(tokenizer) - 2)
         return LoadedBlip(model.to(device), tokenizer, "blip_tiny", True)
     source = _source(name, path)
-    from transformers import BlipForImageTextRetrieval, BlipProcessor
-
-    loaded: Any = BlipForImageTextRetrieval.from_pretrained(
-        source, attn_implementation="eager", use_safetensors=True
-    )
-    processor_tokenizer = BlipProcessor.from_pretrained(source).tokenizer
+    loaded, processor_tokenizer = _from_pretrained(name, source)
     _lavis_conventions(loaded, processor_tokenizer, lavis_ln_eps)
     loaded.eval()
     loaded.to(device)
     return LoadedBlip(loaded, processor_tokenizer, name, False, _fingerprint(name, source))
+
+
+def _from_pretrained(name: str, source: str) -> tuple[Any, Any]:
+    """The model and tokenizer of a snapshot folder or hub id. A local folder that cannot be
+    read is one line (:class:`CheckpointError`) naming its weight files' sha256 prefixes and
+    the fix, not a traceback from safetensors or transformers."""
+    from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+    try:
+        model = BlipForImageTextRetrieval.from_pretrained(
+            source, attn_implementation="eager", use_safetensors=True
+        )
+        return model, BlipProcessor.from_pretrained(source).tokenizer
+    except Exception as exc:  # safetensors, transformers and tokenizers each have their own
+        if not Path(source).is_dir():
+            raise  # a hub download: its own errors say what failed
+        files = ", ".join(
+            f"{f.name} sha256 {file_sha256(f)[:12]}..."
+            for f in sorted(Path(source).glob("*.safetensors"))
+        )
+        reason = " ".join(str(exc).split())[:200]  # one line; safetensors never unpickles
+        raise CheckpointError(
+            f"cannot read BLIP snapshot {source} ({files or 'no *.safetensors'}): "
+            f"{type(exc).__name__}: {reason}; delete the folder and run "
+            f"`ovss-label models pull {name}`"
+        ) from exc
 
 
 def _source(name: str, path: str | os.PathLike[str] | None) -> str:

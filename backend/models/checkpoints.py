@@ -11,6 +11,12 @@ Formats read (open_clip ``factory.py`` ``load_state_dict``, timm ``_helpers.py``
 - anything else: ``torch.load(map_location="cpu", weights_only=True)``; a file that needs full
   unpickling is refused with the reason, never loaded unsafely.
 
+A file that cannot be read is one line (:class:`CheckpointError`) naming the file, what is
+wrong with it in our words and, for a file under an official name (``weights.WEIGHTS``), its
+sha256 prefix against the table's and ``ovss-label models pull NAME --force``. The readers' own
+text is left out: torch's advises re-running ``torch.load`` with ``weights_only=False``, which
+would run whatever code the file holds.
+
 Filters turn other layouts into the builder's key names and are applied by name, so a log says
 which conversion ran. Loading is strict: a missing or unexpected key is an error that lists
 the keys.
@@ -27,6 +33,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .fingerprints import file_sha256
+from .weights import WEIGHTS, WeightSpec, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,11 @@ def is_torchscript(path: Path) -> bool:
 
 
 def read_state_dict(path: Path) -> StateDict:
-    """Reads tensors from a checkpoint file on CPU (module docstring: formats)."""
+    """Reads tensors from a checkpoint file on CPU (module docstring: formats).
+
+    Raises:
+        CheckpointError: The file cannot be read, or holds no tensors (one line).
+    """
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -59,11 +72,60 @@ def read_state_dict(path: Path) -> StateDict:
                 archive = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             return {k: v.detach() for k, v in archive.state_dict().items()}
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    # Every reader fails in its own types (EOFError, KeyError, SafetensorError, zipfile errors,
+    # UnpicklingError...): all of them mean "not a checkpoint we can read".
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {_reason(exc)}{file_hint(path)}"
+        ) from exc
     if not isinstance(loaded, Mapping):
-        raise CheckpointError(f"checkpoint {path} holds a {type(loaded).__name__}, not tensors")
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(loaded).__name__}, not tensors{file_hint(path)}"
+        )
     return dict(loaded)
+
+
+def _reason(exc: Exception) -> str:
+    """What is wrong with an unreadable file, without the reader's text (module docstring)."""
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+        return "it pickles Python objects besides tensors, which could run code; refused"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    # EOFError, EINVAL on a cut zip, a bad opcode, a short safetensors header: the bytes are not
+    # a checkpoint, whatever the reader calls it.
+    return "truncated, corrupt or not a checkpoint"
+
+
+def official_spec(path: Path) -> WeightSpec | None:
+    """The table row whose file name ``path`` has (a file weight, not a hub snapshot), or None."""
+    for spec in WEIGHTS.values():
+        if spec.format != "hf_hub" and spec.file == path.name:
+            return spec
+    return None
+
+
+def file_hint(path: Path) -> str:
+    """``"; sha256 <prefix>..."`` for an error about ``path``: against the table's and with the
+    ``models pull`` fix for a file under an official name, else alone; "" if unreadable."""
+    try:
+        digest = file_sha256(path)
+    except OSError:
+        return ""
+    spec = official_spec(path)
+    if spec is None:
+        return f" (sha256 {digest[:12]}...)"
+    if digest == spec.sha256:  # the published bytes: the reader, not the file, is at fault
+        return (
+            f"; it is the published {spec.name} file, so torch {torch.__version__} may be too old"
+        )
+    # Outside the weights dir (an explicit path, open_clip's cache) the pull cannot overwrite
+    # the file; it puts the published one where resolution looks first.
+    where = "replace it" if path.parent.resolve() == weights_dir().resolve() else (
+        f"get the published one into {weights_dir()}")  # fmt: skip
+    return (
+        f"; its sha256 is {digest[:12]}..., the published {spec.name}'s {spec.sha256[:12]}...; "
+        f"{where}: `ovss-label models pull {spec.name} --force`"
+    )
 
 
 def unwrap(sd: StateDict) -> StateDict:
@@ -131,7 +193,7 @@ def load_into(
             f"checkpoint {source or '(in memory)'} does not fit {type(model).__name__}: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-            f"wrong shapes {wrong[:5]}"
+            f"wrong shapes {wrong[:5]}{file_hint(Path(source)) if source else ''}"
         )
     full = dict(expected)
     full.update({k: v.to(expected[k].dtype) for k, v in sd.items()})

@@ -41,8 +41,9 @@ from PIL import Image
 from ovss_label import __version__
 from ovss_label.ontologies import Vocabulary
 
-from ..models.blip import encode_caption, itm_gradcam
+from ..models.blip import TINY_PNP_SETTINGS, check_layer_head, encode_caption, itm_gradcam
 from ..models.blip_loader import LoadedBlip, load_blip
+from ..models.clip import tiny_requested
 from ..models.fingerprints import short_fingerprint
 from ..models.weights import OPENAI_MEAN, OPENAI_STD
 from . import pnp
@@ -277,12 +278,20 @@ def create_pnp_ovss(
 ) -> PnpOvssProposer:
     """Builds PnP-OVSS; ``checkpoint`` is a BLIP folder; ``options`` are :class:`PnpConfig`
     fields; ``tuned`` (or ``OVSS_PNP_TUNED``) names an ``ovss-label tune`` result whose layer,
-    head, threshold and blur σ are used."""
+    head, threshold and blur σ are used. The tiny twin starts from ``TINY_PNP_SETTINGS``
+    (``models/blip.py``: why) instead of the reference's defaults.
+
+    Raises:
+        ValueError: ``layer`` or ``head`` is not in the loaded BLIP (names the allowed ranges).
+    """
     tuned = tuned or os.environ.get("OVSS_PNP_TUNED") or None
     if tuned:
         options = {**load_tuned(tuned), **options}
+    if tiny_requested() if tiny is None else tiny:
+        options = {**TINY_PNP_SETTINGS, **options}
     config = PnpConfig(**options)
     blip = load_blip(model, path=checkpoint, tiny=tiny, device=device)
+    check_layer_head(blip.model, [config.layer], [config.head], blip.name)
     presence = None
     if config.presence == "clip":
         from .presence import ClipPresence

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
@@ -18,16 +19,43 @@ def models() -> None:
 @models.command("list")
 def list_() -> None:
     """The weight table and which file each weight would load: none ("no"), the published
-    one, or another file (its predictions carry another model version)."""
+    one, or another file (its predictions carry another model version).
+
+    On a terminal a table, then each weight's licence and source; otherwise tab-separated
+    rows with a header, for scripts. Names are never shortened: `models pull NAME` takes them.
+    """
     from ovss_label.backend.models import WEIGHTS, weights_dir
 
-    table = Table(title=f"weights in {weights_dir()} (set OVSS_WEIGHTS_DIR)")
-    for column in ("name", "file", "MB", "licence", "present", "source"):
-        table.add_column(column, no_wrap=column == "present")
-    for spec in WEIGHTS.values():
-        present = _presence(spec)
-        table.add_row(spec.name, spec.file, str(spec.size_mb), spec.licence, present, spec.url)
-    Console().print(table)
+    header = ("name", "file", "MB", "licence", "present", "source")
+    rows: list[tuple[str, ...]] = [
+        (spec.name, spec.file, str(spec.size_mb), spec.licence, _presence(spec), spec.url)
+        for spec in WEIGHTS.values()
+    ]
+    title = f"weights in {weights_dir()} (set OVSS_WEIGHTS_DIR)"
+    console = Console()
+    if not console.is_terminal:
+        click.echo(title, err=True)  # stdout keeps only the rows
+        for row in (header, *rows):
+            click.echo("\t".join(row))
+        return
+    console.print(_table(rows, title))
+    for name, _, _, licence, _, url in rows:  # long: wrapped by the terminal, never cut
+        console.print(f"{name}: {licence}, {url}", soft_wrap=True, highlight=False)
+
+
+def _table(rows: list[tuple[str, ...]], title: str) -> Table:
+    """Name, presence, size and file of each weight, fitted to the terminal: rich shrinks
+    columns on a narrow one, so the name keeps its full width (it is what `models pull`
+    takes) and the file name folds onto more lines instead of ending in "…"."""
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table.add_column("name", no_wrap=True, min_width=max(len(r[0]) for r in rows))
+    table.add_column("present", no_wrap=True)
+    table.add_column("MB", no_wrap=True, justify="right")
+    table.add_column("file", overflow="fold")
+    for name, file, size, _, present, _ in rows:
+        table.add_row(name, f"[red]{present}[/]" if present.startswith("other") else present,
+                      size, file)  # fmt: skip
+    return table
 
 
 def _presence(spec: Any) -> str:
@@ -42,7 +70,7 @@ def _presence(spec: Any) -> str:
     if found.is_dir():
         return "yes"
     digest = file_sha256(found)
-    return "published" if digest == spec.sha256 else f"[red]other {digest[:8]}[/]"
+    return "published" if digest == spec.sha256 else f"other {digest[:8]}"
 
 
 @models.command("pull")

@@ -45,6 +45,17 @@ def _labels_of_tasks(tasks: list[dict[str, Any]]) -> dict[str, list[str]]:
     return found
 
 
+def _layer_range(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    """``"6-9"`` or ``"7"`` -> the layer indices; anything else is a usage error (exit 2).
+    Whether they exist is checked against the loaded BLIP (``backend.tune.load_models``)."""
+    first, dash, last = value.partition("-")
+    if not (first.isdigit() and (last.isdigit() if dash else True)):
+        raise click.BadParameter(f"{value!r} is not a layer range such as 6-9 or 7")
+    if int(last or first) < int(first):
+        raise click.BadParameter(f"{value!r} ends before it starts")
+    return list(range(int(first), int(last or first) + 1))
+
+
 @click.command("tune")
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -62,7 +73,13 @@ def _labels_of_tasks(tasks: list[dict[str, Any]]) -> dict[str, list[str]]:
 @click.option("--api-key", envvar="LABEL_STUDIO_API_KEY", help="Legacy token or PAT.")
 @click.option("--name", default="tuned", show_default=True, help="Name pnp_ovss loads it by.")
 @click.option("--iterations", default=34, show_default=True)
-@click.option("--layers", default="0-11", show_default=True, help="Layer range, e.g. 6-9.")
+@click.option(
+    "--layers",
+    default="0-11",
+    show_default=True,
+    callback=_layer_range,
+    help="Layer range, e.g. 6-9 (BLIP ITM large: 0-11; the --tiny twin: 0-7).",
+)
 @click.option("--seed", default=1164005944, show_default=True)
 @click.option("--max-images", default=50, show_default=True)
 @click.option("--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing).")
@@ -73,7 +90,8 @@ def tune(images, labels, ls_export, project, url, api_key, name, iterations, lay
     Writes $OVSS_CACHE_DIR/tuned/NAME.json, which `--method pnp_ovss` uses with
     OVSS_PNP_TUNED=NAME, and prints the best configurations.
     """
-    from ovss_label.backend.tune import run_search
+    from ovss_label.backend.models.blip import LayerHeadError
+    from ovss_label.backend.tune import load_models, run_search
 
     if tiny:
         os.environ["OVSS_TINY"] = "1"
@@ -86,15 +104,27 @@ def tune(images, labels, ls_export, project, url, api_key, name, iterations, lay
         except LabelStudioError as exc:
             raise click.ClickException(str(exc)) from exc
     mapping = image_labels(labels, ls_export, tasks)
-    first, _, last = layers.partition("-")
-    layer_range = list(range(int(first), int(last or first) + 1))
+    try:  # models first: a missing weight or a layer past the model is one line, no progress
+        models = load_models(layers, tiny=tiny)
+    except LayerHeadError as exc:
+        raise click.ClickException(f"--layers {_shown(layers)}: {exc}") from exc
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
     with Progress(console=Console(stderr=True)) as bar:
         job = bar.add_task("tuning", total=iterations)
-        result = run_search(
-            images, mapping, name, iterations=iterations, layers=layer_range, seed=seed,
-            max_images=max_images, tiny=tiny, advance=lambda: bar.update(job, advance=1),
-        )  # fmt: skip
+        try:
+            result = run_search(
+                images, mapping, name, iterations=iterations, seed=seed, max_images=max_images,
+                models=models, advance=lambda: bar.update(job, advance=1),
+            )  # fmt: skip
+        except ValueError as exc:  # e.g. none of the labelled images is in the folder
+            raise click.ClickException(str(exc)) from exc
     _table(result)
+
+
+def _shown(layers: list[int]) -> str:
+    """The layer list as the user typed it (``6-9``)."""
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
 def _table(result: dict[str, Any]) -> None:
