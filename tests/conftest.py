@@ -1,26 +1,70 @@
-"""Test environment: offline, CPU, a private cache; tiny CLIP checkpoints in the real formats."""
+"""Test environment: offline, CPU, a private home; tiny CLIP checkpoints in the real formats."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-# Set before anything imports torch or a hub client: tests never download and never use a GPU.
+REAL_HOME = Path.home()
+"""The user's home before this module moves it: the end-to-end tests check nothing lands there."""
+REAL_ENV = dict(os.environ)
+"""The environment before this module changes it (pip installing Label Studio needs the user's
+own pip configuration)."""
+
+PRIVATE_DIRS = {
+    "HOME": ".",
+    "XDG_CACHE_HOME": ".cache",
+    "XDG_CONFIG_HOME": ".config",
+    "XDG_DATA_HOME": ".local/share",
+    "XDG_STATE_HOME": ".local/state",
+    "HF_HOME": ".cache/huggingface",
+    "TORCH_HOME": ".cache/torch",
+    "MPLCONFIGDIR": ".config/matplotlib",
+    "OVSS_CACHE_DIR": ".cache/ovss-label",
+    "OVSS_WEIGHTS_DIR": ".cache/ovss-label/weights",
+}
+"""Every per-user location a test process may read or write, relative to the private home."""
+
+
+def private_env(base: Mapping[str, str], home: Path) -> dict[str, str]:
+    """``base`` with every per-user location under ``home``: the variables of PRIVATE_DIRS set,
+    and every inherited ``*CACHE*`` variable (``HF_HUB_CACHE``, ``TRANSFORMERS_CACHE``,
+    ``PIP_CACHE_DIR``, ...) dropped, since each would override a default now under ``home``."""
+    env = {name: value for name, value in base.items() if "CACHE" not in name}
+    env.update({name: str(home / relative) for name, relative in PRIVATE_DIRS.items()})
+    return env
+
+
+def _move_home(home: Path) -> None:
+    env = private_env(os.environ, home)
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+
+
+# Set before anything imports torch or a hub client: tests never download and never use a GPU,
+# and never read or write the user's caches (huggingface_hub reads HF_HOME once, at import,
+# which for some test modules is collection time, before any fixture runs).
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="ovss-tests-home-"))
+_move_home(_SESSION_HOME)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["OVSS_OFFLINE"] = "1"
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.pop("OVSS_TINY", None)
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _private_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Every test gets the session's cache dir, an empty weights dir and an empty home (so a
-    developer's ~/.cache/clip is never picked up)."""
-    cache = tmp_path_factory.getbasetemp() / "ovss-cache"
-    monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
-    monkeypatch.setenv("OVSS_CACHE_DIR", str(cache))
+    """Every test gets the session's private home and cache and an empty weights dir."""
     monkeypatch.setenv("OVSS_WEIGHTS_DIR", str(tmp_path_factory.mktemp("weights")))
     monkeypatch.delenv("OVSS_TINY", raising=False)
 

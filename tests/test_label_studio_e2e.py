@@ -1,14 +1,16 @@
 """End to end against a real Label Studio 1.23.2 (its own virtual environment, SQLite, localhost).
 
 The harness installs Label Studio into ``.e2e/ls-venv`` (its pins clash with ours; reused when
-present), starts it with a fixed legacy token, starts ``ovss-label serve --tiny`` and drives
-both through the SDK and the HTTP API: create a BrushLabels + PolygonLabels project, upload
-images, connect the backend, "Retrieve predictions" twice, annotate a task. Skip it locally with
-``-m "not e2e"``; CI runs it. About two minutes on a new machine, 40 s after that.
+present; the first run downloads about 1 GB and shows pip's progress), starts it with a fixed
+legacy token, starts ``ovss-label serve --tiny`` and drives both through the SDK and the HTTP
+API: create a BrushLabels + PolygonLabels project, upload images, connect the backend, "Retrieve
+predictions" twice, annotate a task. Both processes get a private home (``conftest.private_env``)
+and the real one must be unchanged afterwards. Skip it locally with ``-m "not e2e"``; CI runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -18,12 +20,14 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from conftest import REAL_ENV, REAL_HOME, private_env
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
@@ -38,6 +42,8 @@ CONFIG = """<View>
     <Label value="cat"/><Label value="dog"/>
   </PolygonLabels>
 </View>"""
+WATCHED = (".cache/ovss-label", ".cache/huggingface", ".cache/torch", ".local/share/label-studio")
+"""Where, in a home, the backend and Label Studio write by default."""
 
 
 def _free_port() -> int:
@@ -60,23 +66,51 @@ def _wait(url: str, seconds: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
-def _label_studio_venv() -> Path:
+@contextlib.contextmanager
+def _to_terminal(config: pytest.Config) -> Iterator[None]:
+    """Output (ours and subprocesses') reaches the terminal while pytest captures, as in
+    ``capsys.disabled()``, which a module-scoped fixture cannot request."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        yield
+
+
+def _label_studio_venv(config: pytest.Config) -> Path:
+    """``.e2e/ls-venv/bin/label-studio``, installed on the first run with pip's progress shown
+    (about 1 GB: minutes of silence would look like a hang)."""
     venv = Path(os.environ.get("OVSS_E2E_DIR", ROOT / ".e2e")) / "ls-venv"
     binary = venv / "bin" / "label-studio"
-    if not binary.exists():
+    if binary.exists():
+        return binary
+    with _to_terminal(config):
+        print(f"\ninstalling Label Studio {LS_VERSION} into {venv} (first run only, ~1 GB)")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "pip"), "install", "-q", f"label-studio=={LS_VERSION}"]
-        subprocess.run(pip, check=True, timeout=900)
+        # The user's environment, for their pip configuration (an index mirror, a proxy); no
+        # pip cache, so the install leaves no gigabyte in ~/.cache/pip.
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-cache-dir",
+               "--disable-pip-version-check", f"label-studio=={LS_VERSION}"]  # fmt: skip
+        subprocess.run(pip, check=True, timeout=1800, env=REAL_ENV)
     return binary
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """(Label Studio URL, backend URL, backend data dir), both running."""
-    work = tmp_path_factory.mktemp("e2e")
-    ls_port, ml_port = _free_port(), _free_port()
-    ls_env = {
-        **os.environ,
+def _home_files(home: Path) -> dict[str, tuple[int, int]]:
+    """Size and mtime of every file under the per-user folders the stack would write to."""
+    found = {}
+    for folder in WATCHED:
+        for path in (home / folder).rglob("*"):
+            with contextlib.suppress(OSError):  # removed while we looked
+                stat = path.stat()
+                if path.is_file():
+                    found[str(path.relative_to(home))] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _label_studio_env(work: Path) -> dict[str, str]:
+    return {
         "LABEL_STUDIO_BASE_DATA_DIR": str(work / "ls"),
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_USERNAME": "e2e@example.com",
@@ -86,29 +120,37 @@ def stack(tmp_path_factory):
         "SSRF_PROTECTION_ENABLED": "false",  # so is the webhook Label Studio creates
         "DJANGO_DB": "sqlite",
     }
-    ls = subprocess.Popen(
-        [str(_label_studio_venv()), "start", "--no-browser", "--port", str(ls_port)],
-        env=ls_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    ls_url = f"http://127.0.0.1:{ls_port}"
-    ml_env = {**os.environ, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
-              "OVSS_OFFLINE": "1",
-              "OVSS_ALLOWED_NETWORKS": "127.0.0.0/8"}  # the flaky image host below  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, pytestconfig):
+    """(Label Studio URL, backend URL, backend data dir), both running with a private home
+    (caches, weights, Label Studio's data); afterwards the real home must be unchanged."""
+    work = tmp_path_factory.mktemp("e2e")
+    env = private_env(os.environ, work / "home")
+    before = _home_files(REAL_HOME)
+    ls_port, ml_port = _free_port(), _free_port()
+    ls_command = [str(_label_studio_venv(pytestconfig)), "start", "--no-browser", "--port"]
+    ls = _start([*ls_command, str(ls_port)], {**env, **_label_studio_env(work)})
+    ls_url, ml_url = f"http://127.0.0.1:{ls_port}", f"http://127.0.0.1:{ml_port}"
     data_dir = work / "ml-data"
-    ml = subprocess.Popen(
+    ml = _start(
         [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--port",
          str(ml_port), "--host", "127.0.0.1", "--data-dir", str(data_dir)],
-        env=ml_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        {**env, "LABEL_STUDIO_URL": ls_url, "LABEL_STUDIO_API_KEY": TOKEN, "OVSS_OFFLINE": "1",
+         "OVSS_ALLOWED_NETWORKS": "127.0.0.0/8"},  # the flaky image host below
     )  # fmt: skip
-    ml_url = f"http://127.0.0.1:{ml_port}"
     try:
         _wait(f"{ml_url}/health", 120, ml)
-        _wait(f"{ls_url}/health", 300, ls)
+        # Label Studio migrates a new database first: 1-7 minutes measured on a busy machine.
+        _wait(f"{ls_url}/health", 600, ls)
         yield ls_url, ml_url, data_dir
     finally:
         for process in (ml, ls):
             process.terminate()
             process.wait(timeout=30)
+    changed = set(_home_files(REAL_HOME).items()) ^ set(before.items())
+    assert not changed, f"the end-to-end stack wrote into {REAL_HOME}: {sorted(changed)}"
 
 
 def _png(seed: int) -> bytes:
