@@ -316,33 +316,3 @@ def test_real_defaults_stay_the_references_and_only_the_tiny_twin_gets_its_setti
     assert asdict(tiny) == {**REFERENCE_DEFAULTS, **TINY_PNP_SETTINGS}
     assert tiny.layer != REFERENCE_DEFAULTS["layer"]  # the twin's last layer has no gradient
     assert pnp_ovss.create_pnp_ovss(tiny=True, threshold=0.3).config.threshold == 0.3
-
-
-def test_tiny_pnp_ovss_predicts_regions_on_photos(tmp_path):
-    import json
-    from pathlib import Path
-
-    import skimage.data
-    from click.testing import CliRunner
-    from PIL import Image
-
-    from ovss_label.cli import cli
-
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in ("astronaut", "chelsea", "coffee"):  # the README's kind of example photos
-        photo = Image.fromarray(getattr(skimage.data, name)())
-        photo.thumbnail((160, 160))  # small: the CRF is the slow part at full size
-        photo.save(folder / f"{name}.png")
-    out = tmp_path / "tasks.json"
-    args = ["predict", str(folder), "--labels", "cat, dog, person", "--method", "pnp_ovss",
-            "--tiny", "-o", str(out), "--document-root", str(tmp_path)]  # fmt: skip
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    regions = {
-        Path(t["data"]["image"]).name: len(t["predictions"][0]["result"])
-        for t in json.loads(out.read_text())
-    }
-    assert len(regions) == 3 and sum(regions.values()) >= 1, regions
-    # The loud warning says what the twin runs (rich wraps it: compare without line breaks).
-    assert "PnP-OVSS defaults for it: layer 5, threshold 0" in " ".join(result.output.split())

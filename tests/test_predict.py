@@ -20,6 +20,7 @@ from ovss_label.backend.models.fingerprints import short_fingerprint
 from ovss_label.backend.models.weights import get_spec
 from ovss_label.backend.predict import collect_images, local_files_url
 from ovss_label.cli import cli
+from ovss_label.methods import METHODS
 
 SAMPLES = ("chelsea.png", "astronaut.png", "coffee.png")
 
@@ -239,3 +240,24 @@ def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path, method):
         COCO(str(tmp_path / "coco.json")).getImgIds()
         and (tmp_path / "png" / "chelsea.png").is_file()
     )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_tiny_method_draws_regions_on_photos(tmp_path, method):
+    """A --tiny demo on the kind of photos the README uses must not look broken: every method
+    writes regions (the twins' settings: naclip.TINY_NACLIP_SETTINGS, blip.TINY_PNP_SETTINGS)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "chelsea", "coffee"):
+        photo = Image.fromarray(getattr(skimage.data, name)())
+        photo.thumbnail((160, 160))  # small: the CRF and SAM are the slow parts at full size
+        photo.save(folder / f"{name}.png")
+    out = tmp_path / "tasks.json"
+    args = ["--tiny", "predict", str(folder), "--labels", "person, cat, cup", "--method",
+            method, "-o", str(out), "--document-root", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    regions = [len(t["predictions"][0]["result"]) for t in json.loads(out.read_text())]
+    assert len(regions) == 3 and sum(regions) >= 3, regions
+    if method.startswith("pnp_ovss"):  # the loud warning says what the twin runs
+        assert "PnP-OVSS defaults for it: layer 5, threshold 0" in " ".join(result.output.split())

@@ -45,7 +45,7 @@ from numpy.typing import NDArray
 from ovss_label import __version__
 from ovss_label.ontologies import Vocabulary, load
 
-from ..models.clip import LoadedClip, build_clip
+from ..models.clip import LoadedClip, build_clip, tiny_requested
 from ..models.clip_text import TextEncoder
 from ..models.fingerprints import short_fingerprint
 from ..models.naclip_vit import naclip_tokens
@@ -298,6 +298,13 @@ def _check_image(image: NDArray[Any]) -> None:
         raise ValueError(f"image is empty: {image.shape}")
 
 
+TINY_NACLIP_SETTINGS: dict[str, Any] = {"background": "none"}
+"""``NaclipConfig`` fields the tiny twin runs with (explicit options override them), so that
+``--tiny`` draws masks on a photo: with the hidden background's 26 stuff queries against a few
+labels, the random twin gives nearly every pixel to the background and the demo finds nothing.
+The real model's defaults are untouched."""
+
+
 @register_proposer("naclip")
 def create_naclip(
     *,
@@ -312,6 +319,8 @@ def create_naclip(
 
     ``map_cache_mb`` bounds the refined-query-map cache (module docstring); 0 turns it off.
     """
+    if tiny_requested() if tiny is None else tiny:
+        options = {**TINY_NACLIP_SETTINGS, **options}
     config = NaclipConfig(**options)
     clip = build_clip(config.model, checkpoint=checkpoint, tiny=tiny, device=device)
     maps = FeatureCache(max_bytes=map_cache_mb << 20) if map_cache_mb > 0 else None

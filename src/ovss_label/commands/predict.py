@@ -85,9 +85,10 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
 @click.option(
     "--background",
     type=click.Choice(["auto", "none"]),
-    default="auto",
-    show_default=True,
-    help="auto: add NACLIP's stuff queries as a hidden background.",
+    default=None,
+    help="auto (the default): add NACLIP's stuff queries as a hidden background; none: every "
+    "pixel gets a label (the default with --tiny, whose random twin would lose every pixel "
+    "to the hidden background).",
 )
 @click.option(
     "--pamr/--no-pamr",
@@ -250,13 +251,15 @@ def _check_document_root(images: Sequence[Path], root: Path) -> None:
 
 
 def _options(
-    method: str, background: str, pamr: bool, sam_model: str, sam_checkpoint: str | None
+    method: str, background: str | None, pamr: bool, sam_model: str, sam_checkpoint: str | None
 ) -> dict[str, Any]:
-    """The method's options from the command line."""
+    """The method's options from the command line (None: the method's default)."""
     # Each file is scored once: no feature or refined-map caches to fill memory with.
     options: dict[str, Any] = {}
     if method.startswith("naclip"):
-        options.update(background=background, pamr_steps=10 if pamr else 0, map_cache_mb=0)
+        options.update(pamr_steps=10 if pamr else 0, map_cache_mb=0)
+        if background is not None:
+            options.update(background=background)
     if "sam" in method:
         options.update(sam_model=sam_model, sam_checkpoint=sam_checkpoint)
     return options
