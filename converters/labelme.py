@@ -38,7 +38,7 @@ from PIL import Image
 
 from .coco import SegmentationMode, polygon_rings, write_json_atomic
 from .instance import Instance
-from .ls_tasks import ExportReport, Skipped, TaskImage
+from .ls_tasks import ExportReport, TaskImage, first_task_of_image
 
 __all__ = ["LABELME_VERSION", "LabelmeWriter", "instance_shapes", "labelme_document"]
 
@@ -76,11 +76,8 @@ class LabelmeWriter:
     def add(self, image: TaskImage, report: ExportReport) -> None:
         """Writes the image's JSON file (with no shapes when it has no instance)."""
         path = self.json_path(image)
-        if image.file_name in self._written:  # a second task of the same image
-            reason = f"{path} already written from another task of the same image"
-            report.skipped.append(Skipped(image.task_id, None, reason, image.task))
+        if not first_task_of_image(self._written, image, path, report):
             return
-        self._written.add(image.file_name)
         shapes = []
         for number, (_, inst) in enumerate(image.regions, 1):
             polygon_only = self.segmentation == "polygon" and inst.polygons is None

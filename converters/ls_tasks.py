@@ -106,6 +106,19 @@ class TaskImage:
     regions: list[Region] = field(default_factory=list)
 
 
+def first_task_of_image(
+    written: set[str], image: TaskImage, path: object, report: ExportReport
+) -> bool:
+    """True the first time ``image.file_name`` is written by a one-file-per-image format
+    (YOLO, LabelMe); a later task of the same image is reported as skipped."""
+    if image.file_name in written:
+        reason = f"{path} already written from another task of the same image"
+        report.skipped.append(Skipped(image.task_id, None, reason, image.task))
+        return False
+    written.add(image.file_name)
+    return True
+
+
 class ImageWriter(Protocol):
     """An output format fed one image at a time (COCO, YOLO, LabelMe)."""
 

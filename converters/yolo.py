@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 
 from .coco import polygon_rings
 from .instance import Instance
-from .ls_tasks import ExportReport, Skipped, TaskImage
+from .ls_tasks import ExportReport, TaskImage, first_task_of_image
 
 __all__ = ["YoloWriter", "yolo_lines"]
 
@@ -77,11 +77,8 @@ class YoloWriter:
     def add(self, image: TaskImage, report: ExportReport) -> None:
         """Writes the image's label file (empty when it has no instance)."""
         path = self.label_path(image)
-        if image.file_name in self._written:  # a second task of the same image
-            reason = f"{path} already written from another task of the same image"
-            report.skipped.append(Skipped(image.task_id, None, reason, image.task))
+        if not first_task_of_image(self._written, image, path, report):
             return
-        self._written.add(image.file_name)
         lines = []
         for _, inst in image.regions:
             self.holes_filled += inst.polygons is None and inst.has_holes()

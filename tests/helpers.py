@@ -113,3 +113,16 @@ class Host:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def half_and_half(proposer, image, vocabulary, cache):
+    """Stands in for ``propose``: a proposal with known scores whatever the model would say,
+    the left half label 0 at 0.9, the right half label 1 at 0.2."""
+    from ovss_label.backend.proposers import Proposal
+
+    h, w = image.shape[:2]
+    scores = np.zeros((len(vocabulary.names), h, w), np.float32)
+    assignment = np.zeros((h, w), np.int16)
+    assignment[:, w // 2 :] = 1
+    scores[0][assignment == 0], scores[1][assignment == 1] = 0.9, 0.2
+    return Proposal(tuple(vocabulary.names), scores, assignment)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import half_and_half
 from PIL import Image
 
 from ovss_label.backend.predict import collect_images, uses_tiny_models
-from ovss_label.backend.proposers import Proposal
 from ovss_label.cli import cli
 from ovss_label.converters.overlay import BANNER_RGB, overlay_image, title_lines
 from ovss_label.images import oriented_size
@@ -64,24 +64,13 @@ def test_every_task_carries_the_size_label_studio_shows(folder, tmp_path):
     assert by_name["rotated.jpg"] == {"original_width": 48, "original_height": 80}
 
 
-def _two_scores(proposer, image, vocabulary, cache):
-    """A proposal with known scores: the left half is label 0 at 0.9, the right label 1 at
-    0.2 (whatever the model would say)."""
-    h, w = image.shape[:2]
-    scores = np.zeros((len(vocabulary.names), h, w), np.float32)
-    assignment = np.zeros((h, w), np.int16)
-    assignment[:, w // 2 :] = 1
-    scores[0][assignment == 0], scores[1][assignment == 1] = 0.9, 0.2
-    return Proposal(tuple(vocabulary.names), scores, assignment)
-
-
 @pytest.fixture()
 def known_scores(monkeypatch):
-    """Proposals from :func:`_two_scores`: known scores, and no model time in tests about
+    """Proposals from :func:`half_and_half`: known scores, and no model time in tests about
     the plumbing around the model (the tiny models still load)."""
     import ovss_label.backend.predict as job
 
-    monkeypatch.setattr(job, "propose", _two_scores)
+    monkeypatch.setattr(job, "propose", half_and_half)
 
 
 def test_min_score_drops_instances_below_it(folder, tmp_path, known_scores):

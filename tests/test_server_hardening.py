@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from helpers import png_bytes
+from helpers import half_and_half, png_bytes
 
 from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings, create_app
 from ovss_label.backend.server.media import MediaFetcher
@@ -364,25 +364,11 @@ def test_answers_shown_in_the_editor_are_predictions_even_when_they_fail_for_now
     assert http.post("/predict", json=batch).json()["results"] == [[]]
 
 
-def _cat_high_dog_low(proposer, image, vocabulary, cache):
-    """A proposal with known scores: the left half Cat at 0.9, the right half Dog at 0.2."""
-    import numpy as np
-
-    from ovss_label.backend.proposers import Proposal
-
-    h, w = image.shape[:2]
-    scores = np.zeros((len(vocabulary.names), h, w), np.float32)
-    assignment = np.zeros((h, w), np.int16)
-    assignment[:, w // 2 :] = 1
-    scores[0][assignment == 0], scores[1][assignment == 1] = 0.9, 0.2
-    return Proposal(tuple(vocabulary.names), scores, assignment)
-
-
 def test_a_projects_ovss_min_score_drops_proposals_below_it(client, monkeypatch):
     import ovss_label.backend.server.engine as engine_module
 
     http, _ = client
-    monkeypatch.setattr(engine_module, "propose", _cat_high_dog_low)
+    monkeypatch.setattr(engine_module, "propose", half_and_half)
     thresholded = CONFIG.replace('toName="image"', 'toName="image" ovss_min_score="0.3"')
     assert parse_project(thresholded, "naclip").min_score == 0.3
     assert parse_project(CONFIG, "naclip").min_score == 0.0
