@@ -187,22 +187,28 @@ def test_pnp_proposer_contract_and_blur_only_fallback(monkeypatch, caplog):
     np.testing.assert_array_equal(proposal.scores, again.scores)
 
 
-def test_dense_crf_uses_cutlers_constants():
+def _direct_crf(image, channels):
+    """Labels of a dense CRF called on pydensecrf directly, with CutLER's constants (the
+    reference's ``densecrf``): the oracle for ``pnp_ovss.dense_crf``."""
     densecrf = pytest.importorskip("pydensecrf.densecrf")
     from pydensecrf.utils import unary_from_softmax
 
+    c, h, w = channels.shape
+    probs = torch.softmax(torch.from_numpy(channels).float(), dim=0).numpy()
+    crf = densecrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(unary_from_softmax(probs))
+    crf.addPairwiseGaussian(sxy=3, compat=7)
+    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=image, compat=10)
+    return np.array(crf.inference(10)).reshape(c, h, w).argmax(axis=0)
+
+
+def test_dense_crf_uses_cutlers_constants():
     from ovss_label.backend.proposers.pnp_ovss import dense_crf
 
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     channels = rng.random((3, 20, 30))
-    probs = torch.softmax(torch.from_numpy(channels).float(), dim=0).numpy()
-    crf = densecrf.DenseCRF2D(30, 20, 3)
-    crf.setUnaryEnergy(unary_from_softmax(probs))
-    crf.addPairwiseGaussian(sxy=3, compat=7)
-    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=image, compat=10)
-    expected = np.array(crf.inference(10)).reshape(3, 20, 30).argmax(axis=0)
-    np.testing.assert_array_equal(dense_crf(image, channels), expected)
+    np.testing.assert_array_equal(dense_crf(image, channels), _direct_crf(image, channels))
 
 
 def test_clip_presence_filter_on_hand_made_embeddings():
@@ -264,9 +270,7 @@ def test_background_and_decision_run_over_the_caption_classes_only():
 
 
 def test_the_crf_sees_the_background_and_caption_channels_only():
-    densecrf = pytest.importorskip("pydensecrf.densecrf")
-    from pydensecrf.utils import unary_from_softmax
-
+    pytest.importorskip("pydensecrf.densecrf")
     from ovss_label.backend.proposers import pnp
     from ovss_label.backend.proposers.pnp_ovss import PnpConfig, decide_on_caption, dense_crf
 
@@ -280,12 +284,7 @@ def test_the_crf_sees_the_background_and_caption_channels_only():
     )[0].numpy()  # fmt: skip
     channels = pnp.blur_maps(np.concatenate([(full.max(axis=0) == 0)[None], full]))
     assert channels.shape[0] == 3
-    probs = torch.softmax(torch.from_numpy(channels).float(), dim=0).numpy()
-    crf = densecrf.DenseCRF2D(36, 24, 3)
-    crf.setUnaryEnergy(unary_from_softmax(probs))
-    crf.addPairwiseGaussian(sxy=3, compat=7)
-    crf.addPairwiseBilateral(sxy=50, srgb=5, rgbim=image, compat=10)
-    expected = np.array(crf.inference(10)).reshape(3, 24, 36).argmax(axis=0)
+    expected = _direct_crf(image, channels)
     np.testing.assert_array_equal(assignment, np.array([-1, 1, 3])[expected])
 
 
