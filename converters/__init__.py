@@ -1,5 +1,5 @@
-"""Masks, polygons, Label Studio brush RLE and results, COCO, YOLO and LabelMe; numpy/OpenCV/
-shapely/pycocotools.
+"""Masks, polygons, Label Studio brush RLE, results and labeling configs, COCO, YOLO and
+LabelMe; numpy/OpenCV/shapely/pycocotools.
 
 Never imports torch (teams run exports on machines without a GPU stack) nor ``backend``. Each
 module opens with its format contract; coordinates are in the COCO pixel-edge frame (pixel
@@ -32,6 +32,7 @@ from .labelstudio import (
     result_to_instance,
 )
 from .ls_import import ImportReport, coco_to_tasks
+from .ls_project import ProjectConfig, ResultTargets
 from .ls_regions import PREFER_CHOICES, merge_same_instances
 from .ls_tasks import (
     ExportReport,
@@ -63,7 +64,9 @@ __all__ = [
     "ImportReport",
     "Instance",
     "LabelmeWriter",
+    "ProjectConfig",
     "RegionError",
+    "ResultTargets",
     "Skipped",
     "TaskImage",
     "TaskSource",

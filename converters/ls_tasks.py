@@ -23,6 +23,8 @@ is rejected with a message that says so. Tasks written by ``ovss-label predict``
   suffix; tasks of the same URL keep the same name.
 - Image size (``width``, ``height``, EXIF orientation applied): from any result's
   ``original_width/height``, then ``task["meta"]``, then the ``image_size`` lookup (files).
+- Labels, read without decoding a mask (``record_labels``): a region result's first name in
+  ``value[<type>]``; per image (``labels_by_image``): the labels of its task's annotation.
 - Reports name a task by its ``id``, else by its image, else by its position in the file.
 """
 
@@ -31,11 +33,13 @@ from __future__ import annotations
 import itertools
 import posixpath
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlparse
+
+from ovss_label.ontologies import IMAGE_LABEL_TAGS
 
 from .labelstudio import REGION_TYPES, RegionError, result_to_instance
 from .ls_regions import PREFER_CHOICES, Prefer, Region, merge_same_instances
@@ -50,8 +54,13 @@ __all__ = [
     "file_name",
     "image_path",
     "image_url",
+    "labels_by_image",
     "pick_record",
+    "record_labels",
 ]
+
+IMAGE_RESULT_TYPES = tuple(tag.lower() for tag in IMAGE_LABEL_TAGS)
+"""Result types of the image-labelling controls (``brushlabels``, ..., ``keypointlabels``)."""
 
 ImageSizeLookup = Callable[[dict[str, Any], str], tuple[int, int] | None]
 """(task, image url) -> (width, height) of the image, or None when unknown."""
@@ -178,7 +187,7 @@ class TaskSource:
 
     def labels(self) -> list[str]:
         """Sorted labels of the chosen records' regions, read without decoding any mask."""
-        return _labels(record for _, _, record in self._chosen)
+        return sorted(set().union(*(record_labels(r) for _, _, r in self._chosen)))
 
     def images(self) -> Iterator[TaskImage]:
         """The exportable images, decoded one task at a time (a project's masks need not fit
@@ -281,15 +290,37 @@ def pick_record(
     return None, ""
 
 
-def _labels(records: Iterable[dict[str, Any]]) -> list[str]:
+def record_labels(record: dict[str, Any] | None, types: Collection[str] = REGION_TYPES) -> set[str]:
+    """The labels on an annotation's or prediction's results of ``types`` (lower-case result
+    types), read without decoding any mask: each result's first name in ``value[<type>]``
+    (else ``value["labels"]``), the label ``result_to_instance`` gives its region."""
     labels = set()
-    for record in records:
-        for result in record.get("result") or []:
-            kind = str(result.get("type", "")).lower() if isinstance(result, dict) else ""
-            names = (result.get("value") or {}).get(kind) if kind in REGION_TYPES else None
-            if names:
-                labels.add(str(names[0]))
-    return sorted(labels)
+    for result in (record or {}).get("result") or []:
+        kind = str(result.get("type", "")).lower() if isinstance(result, dict) else ""
+        value = result.get("value") if kind in types else None
+        names = (value.get(kind) or value.get("labels")) if isinstance(value, dict) else None
+        if isinstance(names, list) and names:
+            labels.add(str(names[0]))
+    return labels
+
+
+def labels_by_image(
+    tasks: Iterable[dict[str, Any]], types: Collection[str] = IMAGE_RESULT_TYPES
+) -> dict[str, list[str]]:
+    """Image base name (``file_name``) -> the sorted labels of its task's annotation
+    (``pick_record``; predictions are not labels), for tasks that have both: the classes present
+    in each image, as ``tune`` takes them. A task whose image field cannot be told is left out."""
+    found: dict[str, list[str]] = {}
+    for task in tasks:
+        record, _ = pick_record(task) if isinstance(task, dict) else (None, "")
+        names = sorted(record_labels(record, types))
+        try:
+            url = image_url(task) if names else ""
+        except (ValueError, KeyError, TypeError):  # no data object, or no telling the field
+            continue
+        if url:
+            found[file_name(url)] = names
+    return found
 
 
 def _recency(record: dict[str, Any]) -> tuple[float, float, int]:

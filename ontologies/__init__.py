@@ -21,9 +21,16 @@ from .label_config import (
     label_config,
 )
 from .registry import OntologyInfo, list_ontologies, load, ontology_info, templates
-from .vocabulary import IMAGE_LABEL_TAGS, Vocabulary
+from .vocabulary import (
+    BACKGROUND,
+    IMAGE_LABEL_TAGS,
+    Vocabulary,
+    is_background,
+    parse_label_config,
+)
 
 __all__ = [
+    "BACKGROUND",
     "BRUSH_TAG",
     "IMAGE_LABEL_TAGS",
     "IMAGE_TAG",
@@ -33,9 +40,11 @@ __all__ = [
     "OntologyInfo",
     "Vocabulary",
     "class_colors",
+    "is_background",
     "label_config",
     "list_ontologies",
     "load",
     "ontology_info",
+    "parse_label_config",
     "templates",
 ]

@@ -19,6 +19,16 @@ IMAGE_LABEL_TAGS = (
 )
 """Label Studio control tags whose ``<Label>`` values :meth:`Vocabulary.from_label_config` reads."""
 
+BACKGROUND = "background"
+"""The class name that means "no object" (any case): proposers treat it as the hidden background
+and never turn it into an instance."""
+
+
+def is_background(name: str) -> bool:
+    """True for the background class, ``"background"`` in any case (``"Background"`` too: label
+    values are the annotators' spelling)."""
+    return name.lower() == BACKGROUND
+
 
 def _default_templates() -> tuple[str, ...]:
     return template_sets()[DEFAULT_TEMPLATE_SET]
@@ -125,7 +135,7 @@ class Vocabulary:
             ValueError: The XML does not parse, ``control`` names no image-labelling control,
                 or no image-labelling control has labels.
         """
-        return cls.from_interface(_parse(config_xml), control, templates, name=name)
+        return cls.from_interface(parse_label_config(config_xml), control, templates, name=name)
 
     @classmethod
     def from_interface(
@@ -137,7 +147,7 @@ class Vocabulary:
         name: str = "custom",
     ) -> Vocabulary:
         """:meth:`from_label_config` for a parsed SDK ``LabelInterface`` (a large config is
-        parsed once, not once per reader)."""
+        parsed once, not once per reader: ``converters.ls_project.ProjectConfig`` does that)."""
         merged: dict[str, list[str]] = {}
         for ctrl in _image_label_controls(interface, control):
             for value in ctrl.labels:
@@ -248,8 +258,9 @@ def _split_predicted(attrs: dict[str, Any], value: str) -> list[str]:
     return [p for p in parts if p] or [value]
 
 
-def _parse(config_xml: str) -> Any:
-    """The SDK's ``LabelInterface`` of a config; ValueError says why it cannot be parsed."""
+def parse_label_config(config_xml: str) -> Any:
+    """The SDK's ``LabelInterface`` of a labeling config XML; ValueError says why it cannot be
+    parsed. The one place the XML is parsed: every reader goes through it, once per config."""
     # Imported here: the SDK takes a noticeable time to import and most callers never need it.
     from label_studio_sdk.label_interface.interface import LabelInterface
 

@@ -359,3 +359,44 @@ def test_live_export_401_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.M
     )
     assert result.exit_code == 1 and "refused the API key (401)" in result.output
     assert "Traceback" not in result.output
+
+
+def _result(kind: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"type": kind, "value": value, "original_width": 4, "original_height": 4}
+
+
+def test_record_labels_are_the_labels_regions_are_exported_with() -> None:
+    from ovss_label.converters.ls_tasks import IMAGE_RESULT_TYPES, record_labels
+
+    record = {
+        "result": [
+            _result("brushlabels", {"brushlabels": ["cat"], "rle": [1]}),
+            _result("polygonlabels", {"polygonlabels": ["dog", "pet"], "points": []}),
+            _result("rectanglelabels", {"labels": ["car"]}),  # the generic key, as LS may write
+            _result("keypointlabels", {"keypointlabels": ["nose"]}),
+            _result("choices", {"choices": ["blurry"]}),
+            "not a result",
+        ]
+    }
+    assert record_labels(record) == {"cat", "dog", "car"}  # exported region types only
+    assert record_labels(record, IMAGE_RESULT_TYPES) == {"cat", "dog", "car", "nose"}
+    assert record_labels(None) == set() and record_labels({"result": None}) == set()
+
+
+def test_labels_by_image_reads_each_tasks_annotation() -> None:
+    from ovss_label.converters.ls_tasks import TaskSource, labels_by_image
+
+    tasks = load_export()
+    by_image = labels_by_image(tasks)
+    assert by_image == {  # base names, as ``tune`` matches files; unquoted
+        "3f2a1b4c-street.jpg": ["car", "cat", "dog"],
+        "park east.png": ["car", "person", "tree"],
+        "ee55ff66-broken.jpg": ["car", "cat", "tree"],
+        "12345678-editor.jpg": ["cat"],
+    }
+    assert TaskSource(tasks).labels() == sorted({n for v in by_image.values() for n in v})
+    predicted = {"data": {"image": "/data/upload/1/p.jpg"}, "predictions": [{"result": [
+        _result("brushlabels", {"brushlabels": ["cat"]})]}]}  # fmt: skip
+    unknown = {"data": {"a": "x.jpg", "b": "y.jpg"}, "annotations": [{"result": [
+        _result("brushlabels", {"brushlabels": ["cat"]})]}]}  # fmt: skip
+    assert labels_by_image([predicted, unknown, {"no": "data"}]) == {}

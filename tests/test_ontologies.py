@@ -16,12 +16,14 @@ from label_studio_sdk.label_interface.interface import LabelInterface
 
 from ovss_label.cli import cli
 from ovss_label.ontologies import (
+    BACKGROUND,
     BRUSH_TAG,
     IMAGE_TAG,
     LABEL_CONFIG_KINDS,
     POLYGON_TAG,
     Vocabulary,
     class_colors,
+    is_background,
     label_config,
     list_ontologies,
     load,
@@ -422,3 +424,9 @@ def test_cli_show_unknown_name() -> None:
     assert result.exit_code != 0
     assert "voc21" in result.output
     assert "coco_stuff" in result.output
+
+
+def test_is_background_is_the_one_background_test() -> None:
+    assert BACKGROUND == "background" == load("voc21").names[0]
+    assert all(is_background(n) for n in ("background", "Background", "BACKGROUND"))
+    assert not any(is_background(n) for n in ("backgrounds", "sky", " background", ""))

@@ -2,9 +2,10 @@
 
 Label Studio sends the whole labeling config with every ``/setup`` and ``/predict`` (and with
 every webhook), and ``/setup`` runs before every prediction request. A config can be large (a
-10,000-label ontology is ~0.3 MB of XML; we have seen 10 MB), so it is parsed once, by one
-``LabelInterface``, and the parse is cached. The cache is bounded by bytes, not by a count of
-configs: 64 small configs and 64 ten-megabyte ones are not the same memory.
+10,000-label ontology is ~0.3 MB of XML; we have seen 10 MB), so it is parsed once
+(``converters.ls_project.ProjectConfig``: method, vocabulary, result controls, score threshold)
+and the parse is cached. The cache is bounded by bytes, not by a count of configs: 64 small
+configs and 64 ten-megabyte ones are not the same memory.
 
 The method of a project: the ``ovss_method`` attribute of its BrushLabels/PolygonLabels
 control (e.g. ``<BrushLabels name="tag" toName="image" ovss_method="naclip+sam">``), else the
@@ -15,68 +16,24 @@ vocabulary: the config's labels with their ``predicted_values``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
-
-from ovss_label.methods import METHODS
-from ovss_label.ontologies import Vocabulary
+# Project: what the server reads of a project (.method, .vocabulary, .output, .min_score).
+from ovss_label.converters.ls_project import NO_TARGETS, ProjectConfig
+from ovss_label.converters.ls_project import ProjectConfig as Project
 
 from ..lru import ByteLRU
-from ..predict import Output
 
-
-@dataclass(frozen=True)
-class Project:
-    """What a labeling config tells the server: method, vocabulary, result controls, and the
-    score below which proposals are dropped."""
-
-    method: str
-    vocabulary: Vocabulary
-    output: Output
-    min_score: float = 0.0
+__all__ = ["Project", "ProjectCache", "ProjectConfig", "parse_project"]
 
 
 def parse_project(label_config: str, default_method: str) -> Project:
     """The project's method, vocabulary and controls (one parse); ValueError names what is
-    missing or wrong."""
-    from label_studio_sdk.label_interface.interface import LabelInterface
-
+    missing or wrong, including a config with no BrushLabels or PolygonLabels control."""
     if not isinstance(label_config, str) or not label_config.strip():
         raise ValueError("the request has no label_config")
-    try:
-        interface = LabelInterface(label_config)
-    except Exception as exc:  # the SDK raises its own types for XML and schema errors
-        raise ValueError(f"cannot parse the labeling config: {exc}") from exc
-    output = Output.from_interface(interface, None)
-    method = _control_attribute(interface, "ovss_method") or default_method
-    if method not in METHODS:
-        raise ValueError(f"ovss_method {method!r} is not one of {', '.join(METHODS)}")
-    min_score = _min_score(_control_attribute(interface, "ovss_min_score"))
-    return Project(method, Vocabulary.from_interface(interface), output, min_score)
-
-
-def _control_attribute(interface: Any, name: str) -> str | None:
-    """Attribute ``name`` of the config's controls; the last control that sets it wins."""
-    value = None
-    for control in interface.controls:
-        chosen = control.attr.get(name) if hasattr(control, "attr") else None
-        if chosen:
-            value = str(chosen)
-    return value
-
-
-def _min_score(value: str | None) -> float:
-    """``ovss_min_score`` as a number in [0, 1] (scores are); absent is 0 (keep all)."""
-    if value is None:
-        return 0.0
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not 0.0 <= number <= 1.0:  # also refuses nan
-        raise ValueError(f'ovss_min_score="{value}" is not a number from 0 to 1, e.g. "0.3"')
-    return number
+    project = ProjectConfig.parse(label_config, default_method)
+    if project.targets is None:  # refused now (and cached), not at every prediction
+        raise ValueError(NO_TARGETS)
+    return project
 
 
 def _cost(label_config: str, project: Project | ValueError) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from ovss_label import __version__
@@ -11,6 +9,7 @@ from ovss_label.commands.coco_import import coco_import
 from ovss_label.commands.export import export
 from ovss_label.commands.models import models
 from ovss_label.commands.ontology import ontology
+from ovss_label.commands.options import tiny_option
 from ovss_label.commands.predict import predict
 from ovss_label.commands.serve import serve
 from ovss_label.commands.tune import tune
@@ -18,13 +17,10 @@ from ovss_label.commands.tune import tune
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ovss-label")
-@click.option(
-    "--tiny", is_flag=True, help="Swap every model for its tiny random twin (meaningless output)."
-)
+@tiny_option
 def cli(tiny: bool) -> None:
     """Open-vocabulary segmentation pre-annotations for Label Studio."""
-    if tiny:
-        os.environ["OVSS_TINY"] = "1"
+    # --tiny is read by each command from the context (commands/options.py), never exported.
 
 
 cli.add_command(export)

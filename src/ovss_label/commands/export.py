@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ovss_label.commands.options import label_studio_options
 from ovss_label.converters import (
     PREFER_CHOICES,
     SEGMENTATION_MODES,
@@ -23,10 +24,15 @@ from ovss_label.converters import (
     export_images,
     image_path,
 )
+from ovss_label.converters.ls_project import ProjectConfig
 from ovss_label.converters.ls_tasks import ImageSizeLookup
 from ovss_label.images import image_size_from_dir, oriented_size
 from ovss_label.lsapi import LabelStudioError, fetch_project_export, make_client
-from ovss_label.ontologies import Vocabulary, load
+from ovss_label.methods import METHODS
+from ovss_label.ontologies import load
+
+DEFAULT_METHOD = METHODS[0]
+"""An export predicts nothing: a config without ``ovss_method`` parses with this one."""
 
 
 @click.command("export")
@@ -47,10 +53,7 @@ from ovss_label.ontologies import Vocabulary, load
     type=click.Path(file_okay=False, path_type=Path),
     help="Write one LabelMe JSON file per image to this folder.",
 )
-@click.option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio URL (live export).")
-@click.option(
-    "--api-key", envvar="LABEL_STUDIO_API_KEY", help="Legacy token or personal access token."
-)
+@label_studio_options
 @click.option("--project", type=int, help="Project id to export live through the API.")
 @click.option(
     "--segmentation",
@@ -207,23 +210,16 @@ def _read_export(path: Path) -> list[dict[str, Any]]:
 
 
 def _categories(config_xml: str, ontology: str | None) -> tuple[list[str] | None, str | None]:
-    """Category order and image data key from a label config or an ontology."""
+    """Category order and image data key from a label config (one parse) or an ontology."""
     try:
         if ontology:
             return list(load(ontology).names), None
         if config_xml:
-            return list(Vocabulary.from_label_config(config_xml).names), _image_key(config_xml)
+            config = ProjectConfig.parse(config_xml, DEFAULT_METHOD, predicting=False)
+            return list(config.vocabulary.names), config.data_key
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     return None, None
-
-
-def _image_key(config_xml: str) -> str | None:
-    from label_studio_sdk.label_interface import LabelInterface
-
-    images = [o for o in LabelInterface(config_xml).objects if o.tag == "Image"]
-    value = images[0].value if images else None
-    return value.lstrip("$") if value and value.startswith("$") else None
 
 
 def _print_summary(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +11,15 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ovss_label.converters import image_url
-from ovss_label.converters.ls_tasks import file_name, pick_record
+from ovss_label.commands.options import label_studio_options, tiny_option
+from ovss_label.converters.ls_tasks import labels_by_image
 
 
 def image_labels(
     labels: Path | None, export: Path | None, tasks: list[dict[str, Any]] | None = None
 ) -> dict[str, list[str]]:
     """File name -> class names, from a JSON mapping, a Label Studio JSON export file, or the
-    tasks of a live project."""
+    tasks of a live project (``converters.ls_tasks.labels_by_image``)."""
     if sum(x is not None for x in (labels, export, tasks)) != 1:
         raise click.UsageError("give exactly one of --labels, --ls-export and --project")
     if labels is not None:
@@ -28,21 +27,7 @@ def image_labels(
         return {str(k): [str(n) for n in v] for k, v in mapping.items() if v}
     if tasks is None:
         tasks = json.loads(Path(str(export)).read_text())
-    return _labels_of_tasks(tasks or [])
-
-
-def _labels_of_tasks(tasks: list[dict[str, Any]]) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for task in tasks:
-        record, _ = pick_record(task)
-        names = sorted(
-            {n for r in (record or {}).get("result", []) for k, v in r.get("value", {}).items()
-             if k.endswith("labels") for n in v}
-        )  # fmt: skip
-        url = image_url(task, None)
-        if names and url:
-            found[file_name(url)] = names
-    return found
+    return labels_by_image(tasks or [])
 
 
 def _layer_range(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -69,8 +54,7 @@ def _layer_range(ctx: click.Context, param: click.Parameter, value: str) -> list
     help="A Label Studio JSON export: the labels present in each annotated task.",
 )
 @click.option("--project", type=int, help="Or the annotated tasks of a live project.")
-@click.option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio URL (with --project).")
-@click.option("--api-key", envvar="LABEL_STUDIO_API_KEY", help="Legacy token or PAT.")
+@label_studio_options
 @click.option("--name", default="tuned", show_default=True, help="Name pnp_ovss loads it by.")
 @click.option("--iterations", default=34, show_default=True)
 @click.option(
@@ -82,7 +66,7 @@ def _layer_range(ctx: click.Context, param: click.Parameter, value: str) -> list
 )
 @click.option("--seed", default=1164005944, show_default=True)
 @click.option("--max-images", default=50, show_default=True)
-@click.option("--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing).")
+@tiny_option
 def tune(images, labels, ls_export, project, url, api_key, name, iterations, layers, seed,
          max_images, tiny) -> None:  # fmt: skip
     """Search PnP-OVSS's layer, head, threshold and blur for IMAGES (CLIP reward, resumable).
@@ -93,8 +77,6 @@ def tune(images, labels, ls_export, project, url, api_key, name, iterations, lay
     from ovss_label.backend.models.blip import LayerHeadError
     from ovss_label.backend.tune import load_models, run_search
 
-    if tiny:
-        os.environ["OVSS_TINY"] = "1"
     tasks = None
     if project is not None:
         from ovss_label.lsapi import LabelStudioError, fetch_project_export, make_client
