@@ -20,16 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ovss_label.converters import (
-    CocoWriter,
-    Instance,
-    instances_to_results,
-    write_overlay,
-)
+from ovss_label.converters import CocoWriter, Instance, ResultTargets, write_overlay
 from ovss_label.images import load_rgb
-from ovss_label.ontologies import BRUSH_TAG, IMAGE_TAG, POLYGON_TAG, Vocabulary, class_colors
+from ovss_label.ontologies import Vocabulary, class_colors
 
-from .models.fingerprints import TINY
+from .models.identity import is_tiny_version
 from .proposers import FeatureCache, PostprocessConfig, Proposer, proposal_to_instances, propose
 
 log = logging.getLogger(__name__)
@@ -85,75 +80,8 @@ def unsearched_folders(patterns: Sequence[str]) -> list[Path]:
     return sorted(sub for folder in folders for sub in folder.iterdir() if sub.is_dir())
 
 
-@dataclass(frozen=True)
-class Output:
-    """Which Label Studio controls the results target.
-
-    Attributes:
-        kind: ``brush``, ``polygon`` or ``both``.
-        brush_name: ``from_name`` of the BrushLabels control.
-        polygon_name: ``from_name`` of the PolygonLabels control.
-        to_name: The Image object's name.
-        data_key: Task data field of the image (``$image`` -> ``image``).
-    """
-
-    kind: str = "brush"
-    brush_name: str = BRUSH_TAG
-    polygon_name: str = POLYGON_TAG
-    to_name: str = IMAGE_TAG
-    data_key: str = "image"
-
-    @classmethod
-    def from_label_config(cls, config_xml: str, kind: str | None) -> Output:
-        """Control names from a labeling config; ``kind`` None picks what the config has."""
-        from label_studio_sdk.label_interface.interface import LabelInterface
-
-        return cls.from_interface(LabelInterface(config_xml), kind)
-
-    @classmethod
-    def from_interface(cls, interface: Any, kind: str | None) -> Output:
-        """:meth:`from_label_config` for a parsed SDK ``LabelInterface`` (parse a large
-        config once, not once per reader)."""
-        names = {c.tag: c for c in interface.controls}
-        brush, polygon = names.get("BrushLabels"), names.get("PolygonLabels")
-        available = [k for k, c in (("brush", brush), ("polygon", polygon)) if c is not None]
-        if not available:
-            raise ValueError("the labeling config has no BrushLabels or PolygonLabels control")
-        kind = kind or ("both" if len(available) == 2 else available[0])
-        needed = ["brush", "polygon"] if kind == "both" else [kind]
-        missing = [k for k in needed if k not in available]
-        if missing:
-            raise ValueError(
-                f"--format {kind} needs a {missing[0]} control; config has {available}"
-            )
-        control = brush if brush is not None else polygon
-        assert control is not None  # `available` is not empty
-        to_name = control.to_name[0]
-        image = next((o for o in interface.objects if o.name == to_name), None)
-        if image is None or image.tag != "Image":
-            raise ValueError(
-                f"control {control.name!r} does not point at an <Image> (toName={to_name!r})"
-            )
-        return cls(
-            kind,
-            brush.name if brush else BRUSH_TAG,
-            polygon.name if polygon else POLYGON_TAG,
-            to_name,
-            image.value.lstrip("$"),
-        )
-
-    def results(self, instances: list[Instance], min_area: float = 0.0) -> list[dict[str, Any]]:
-        """Label Studio result items for one image's instances; no polygon part is smaller
-        than ``min_area`` (a fraction of the image, as ``PostprocessConfig.min_area``)."""
-        results: list[dict[str, Any]] = instances_to_results(
-            instances,
-            self.kind,
-            brush_name=self.brush_name,
-            polygon_name=self.polygon_name,
-            to_name=self.to_name,
-            min_area_fraction=min_area,
-        )
-        return results
+Output = ResultTargets
+"""The result targets by their former name (``converters.ls_project.ResultTargets``)."""
 
 
 @dataclass
@@ -193,7 +121,7 @@ def predict_files(
     vocabulary: Vocabulary,
     paths: Sequence[Path],
     *,
-    output: Output,
+    output: ResultTargets,
     url_for: Callable[[Path], str],
     name_for: Callable[[Path], str] = lambda path: path.name,
     postprocess: PostprocessConfig | None = None,
@@ -237,7 +165,7 @@ def predict_files(
 
 def _task(
     url: str,
-    output: Output,
+    output: ResultTargets,
     instances: list[Instance],
     version: str,
     size: tuple[int, int],
@@ -262,9 +190,8 @@ def _reason(exc: Exception, path: Path) -> str:
 
 
 def uses_tiny_models(version: str) -> bool:
-    """True when a ``model_version`` names a tiny random twin: its weights fingerprint
-    (``-w<fingerprint>``, one per model of a ``+`` chain) is the twins' ``tiny``."""
-    return re.search(rf"-w{TINY}(\+|$)", version) is not None
+    """True when a ``model_version`` names tiny random twins (``models/identity.py``)."""
+    return is_tiny_version(version)
 
 
 def overlay_names(paths: Sequence[Path]) -> dict[Path, str]:

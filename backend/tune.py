@@ -35,6 +35,7 @@ from scipy.ndimage import gaussian_filter
 
 from .models.blip import encode_caption, itm_gradcam_layers
 from .proposers import pnp
+from .store import tuned_path, tuned_state_path
 
 REFERENCE_SEED = 1164005944
 
@@ -175,13 +176,6 @@ def _samples(
     return samples
 
 
-def tuned_path(name: str) -> Path:
-    """Where a tuned configuration named ``name`` lives."""
-    from .models.weights import cache_dir
-
-    return cache_dir() / "tuned" / f"{name}.json"
-
-
 @dataclass(frozen=True)
 class SearchModels:
     """The models a search reads, loaded and checked before any image is scored.
@@ -201,14 +195,16 @@ def load_models(layers: list[int] | None = None, *, tiny: bool = False) -> Searc
     """Loads BLIP and the reward CLIP and checks ``layers`` against the BLIP, so a range past
     its layers is a one-line ValueError naming the allowed range, before any search."""
     from .models.blip import attention_grid, check_layer_head
-    from .models.blip_loader import load_blip
-    from .models.clip import build_clip
+    from .models.clip import tiny_requested
+    from .models.pool import ModelPool, WeightRef
 
-    blip = load_blip(tiny=tiny or None)
+    tiny = tiny or tiny_requested()
+    pool = ModelPool()
+    blip = pool.load(WeightRef("blip_itm_large_flickr", None, tiny))
     n_layers, _ = attention_grid(blip.model)
     layers = layers or list(range(n_layers))
     check_layer_head(blip.model, layers, [], blip.name)  # every head is searched: none to check
-    return SearchModels(blip, build_clip("clip_vit_l14_336", tiny=tiny or None), layers)
+    return SearchModels(blip, pool.load(WeightRef("clip_vit_l14_336", None, tiny)), layers)
 
 
 def run_search(
@@ -241,9 +237,8 @@ def run_search(
     encoder = TextEncoder(clip)
     texts = [F.normalize(encoder.prompt_embeddings(list(s.names)), dim=-1) for s in samples]
     cams = [sample_cams(blip, s, layers) for s in samples]
-    out = tuned_path(name)
+    out, state_path = tuned_path(name), tuned_state_path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    state_path = out.with_suffix(".state.json")
     state = load_state(state_path)
     for candidate in random_order(search_space(layers, heads), iterations, seed):
         if key(candidate) not in state:

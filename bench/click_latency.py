@@ -45,9 +45,9 @@ from rich.console import Console
 from rich.table import Table
 from skimage import data
 
-import ovss_label.backend.server.engine as engine_module
 import ovss_label.backend.server.interactive as interactive
 import ovss_label.converters.labelstudio as labelstudio
+from ovss_label.backend.models.pool import WeightRef
 from ovss_label.backend.models.sam import SAM_ARCHS, LoadedSam, _create_sam
 from ovss_label.backend.predict import Output
 from ovss_label.backend.proposers import sam_prompts
@@ -204,13 +204,15 @@ def measure_clicks(n: int = 100, sam: LoadedSam | None = None, seed: int = 0) ->
     """
     sam = sam or sam_vit_b()
     positions = np.random.default_rng(seed).uniform(5, 95, (n, 2))
-    clock, real_build = StageClock(), engine_module.build_sam
-    engine_module.build_sam = lambda *a, **k: sam  # Engine.sam() builds through this name
+    clock = StageClock()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             url = photo(Path(tmp))
             policy = MediaPolicy(local_root=Path(tmp))
-            engine = Engine(ServerSettings(data_dir=Path(tmp) / "data", media=policy))
+            settings = ServerSettings(data_dir=Path(tmp) / "data", media=policy)
+            engine = Engine(settings)
+            # Engine.sam() takes the pool's SAM: this one, whatever file it came from.
+            engine.pool.add(WeightRef(settings.sam_model, None, settings.tiny), sam)
             _instrument(clock, engine)
             try:
                 return _click_through(engine, clock, url, positions)
@@ -218,7 +220,6 @@ def measure_clicks(n: int = 100, sam: LoadedSam | None = None, seed: int = 0) ->
                 engine.close()
     finally:
         clock.restore()
-        engine_module.build_sam = real_build
 
 
 def _click_through(

@@ -17,6 +17,7 @@ import torch
 
 from ovss_label.backend.models.clip import LoadedClip, _create_clip, _openai_cfg, text_fingerprint
 from ovss_label.backend.models.clip_text import TextEncoder
+from ovss_label.backend.models.identity import ModelIdentity
 from ovss_label.backend.models.sam import SAM_ARCHS, LoadedSam, _create_sam
 from ovss_label.backend.models.weights import OPENAI_MEAN, OPENAI_STD
 from ovss_label.backend.proposers import FeatureCache, Features, Proposal, Proposer
@@ -34,8 +35,8 @@ class PaintedClasses(Proposer):
     name = "painted"
 
     @property
-    def model_version(self) -> str:
-        return "painted"
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.of("painted", {}, [])
 
     def encode(self, image: Any) -> Features:
         return Features((int(image.shape[0]), int(image.shape[1])), {})

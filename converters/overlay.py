@@ -74,10 +74,10 @@ def overlay_image(
 
 
 def title_lines(title: str, width: int = _TITLE_CHARS) -> list[str]:
-    """``title`` in lines of at most ``width`` characters, broken after ``-``, ``+`` or a
-    space; only a piece longer than a whole line is cut."""
+    """``title`` in lines of at most ``width`` characters, broken after ``-``, ``+``, ``·``
+    (model versions) or a space; only a piece longer than a whole line is cut."""
     lines = [""]
-    for piece in re.findall(r"[^-+ ]*[-+ ]|[^-+ ]+$", title):
+    for piece in re.findall(r"[^-+· ]*[-+· ]|[^-+· ]+$", title):
         if lines[-1] and len(lines[-1]) + len(piece.rstrip()) > width:
             lines.append("")
         lines[-1] += piece

@@ -100,6 +100,28 @@ def tiny_checkpoints(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 @pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two different files each of the tiny CLIP (OpenAI archive) and the tiny SAM (state
+    dict), for what depends on which file was loaded: ``clip``/``clip_other``,
+    ``sam``/``sam_other``."""
+    import torch
+
+    from ovss_label.backend.models.checkpoints import save_torchscript_state
+    from ovss_label.backend.models.clip import TINY_CLIP_CFG, _create_clip, openai_archive_state
+    from ovss_label.backend.models.sam import TINY_SAM_CFG, _create_sam
+
+    root = tmp_path_factory.mktemp("tiny-files")
+    files = {}
+    for key, seed in (("clip", 0), ("clip_other", 1)):
+        files[key] = root / f"{key}.pt"
+        save_torchscript_state(openai_archive_state(_create_clip(TINY_CLIP_CFG, seed)), files[key])
+    for key, seed in (("sam", 3), ("sam_other", 4)):
+        files[key] = root / f"{key}.pth"
+        torch.save(_create_sam(TINY_SAM_CFG, seed=seed).state_dict(), files[key])
+    return {k: str(v) for k, v in files.items()}
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tiny_checkpoints):
     """The tiny CLIP loaded through the real loader from its OpenAI-format archive."""
     from ovss_label.backend.models.clip import build_clip

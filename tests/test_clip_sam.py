@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ovss_label.backend.models.naclip_vit import clip_cls_and_naclip_tokens, naclip_tokens
+from ovss_label.backend.models.pool import ModelPool, WeightRef
 from ovss_label.backend.models.sam import TINY_SAM_CFG, LoadedSam, _create_sam
 from ovss_label.backend.proposers import FeatureCache, create_proposer, fmbseg, propose
 from ovss_label.backend.proposers.clip_sam import ClipSamConfig, automatic_masks
@@ -82,15 +83,13 @@ def test_automatic_masks_run_on_the_cached_embedding(tiny_sam):
         assert record["area"] == int(record["segmentation"].sum())
 
 
-def test_one_sam_pass_across_refinement_and_both_stages(tiny_checkpoints, tiny_sam, monkeypatch):
-    from ovss_label.backend.proposers import clip_sam, refine
-
-    monkeypatch.setattr(refine, "build_sam", lambda *a, **k: tiny_sam)
-    monkeypatch.setattr(clip_sam, "build_sam", lambda *a, **k: tiny_sam)
+def test_one_sam_pass_across_refinement_and_both_stages(tiny_checkpoints, tiny_files):
+    cache, pool = FeatureCache(), ModelPool()
+    common = {"tiny": True, "checkpoint": tiny_checkpoints["openai"], "feature_cache": cache,
+              "sam_checkpoint": tiny_files["sam"], "pool": pool}  # fmt: skip
+    tiny_sam = pool.load(WeightRef("sam_vit_b", tiny_files["sam"], tiny=True))
     calls = []
     tiny_sam.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
-    cache = FeatureCache()
-    common = {"tiny": True, "checkpoint": tiny_checkpoints["openai"], "feature_cache": cache}
     fmb = create_proposer(
         "clip_sam", min_crops=0, amg_points_per_side=4, amg_pred_iou=0.0, amg_stability=0.0,
         amg_box_nms=1.0, min_area=0.0, **common,

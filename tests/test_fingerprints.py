@@ -1,5 +1,6 @@
-"""Weight fingerprints: which file was loaded, once-per-file warnings, method fingerprints
-without models, versions that name the file, and ``models pull`` that keeps a user's file."""
+"""Weight fingerprints: which file was loaded, once-per-file warnings, hashing once per machine,
+a server that hashes at start, and ``models pull`` that keeps a user's file. (Model identities
+built from these fingerprints: ``tests/test_identity.py``.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +20,12 @@ from click.testing import CliRunner
 from ovss_label.backend.models import fingerprints as fp
 from ovss_label.backend.models import sam as sam_module
 from ovss_label.backend.models.download import ForeignFileError, pull
-from ovss_label.backend.models.fingerprints import (
-    file_sha256,
-    method_fingerprint,
-    short_fingerprint,
-    warm_fingerprints,
-)
+from ovss_label.backend.models.fingerprints import file_sha256
 from ovss_label.backend.models.sam import TINY_SAM_CFG, _create_sam, build_sam
 from ovss_label.backend.models.weights import WEIGHTS, get_spec, weights_dir
-from ovss_label.backend.proposers import create_proposer
+from ovss_label.backend.proposers import create_proposer, method_plan
+from ovss_label.backend.server import Engine, ServerSettings
 from ovss_label.cli import cli
-from ovss_label.methods import METHOD_WEIGHTS, METHODS, SAM_MODELS, method_weights
 
 LOGGER = "ovss_label.backend.models.fingerprints"
 
@@ -159,113 +154,17 @@ def test_hub_snapshots_hash_their_safetensors_and_never_warn(monkeypatch, caplog
     assert not _warnings(caplog)
 
 
-def test_method_fingerprint_follows_the_files_without_loading_a_model(monkeypatch):
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was built")
-
-    monkeypatch.setattr("ovss_label.backend.models.clip._create_clip", no_model)
-    monkeypatch.setattr(sam_module, "_create_sam", no_model)
-    monkeypatch.setattr("ovss_label.backend.models.checkpoints.read_state_dict", no_model)
-    published = [get_spec(n).sha256 for n in ("clip_vit_b16", "sam_vit_b")]
-    assert method_fingerprint("naclip+sam") == short_fingerprint(published)
-    assert len(method_fingerprint("naclip+sam")) == 6
-    naclip = method_fingerprint("naclip")
-    sam_l = method_fingerprint("naclip+sam", sam_model="sam_vit_l")
-    assert len({method_fingerprint("naclip+sam"), naclip, sam_l}) == 3
-    mine = weights_dir() / get_spec("sam_vit_b").file
-    mine.write_bytes(b"fine-tuned")
-    assert method_fingerprint("naclip+sam") == short_fingerprint([published[0], _sha(mine)])
-    assert method_fingerprint("naclip") == naclip  # its files did not change
-    assert method_fingerprint("naclip+sam", sam_model="sam_vit_l") == sam_l
-    assert method_fingerprint("clip_sam", tiny=True) == "tiny"
-    with pytest.raises(ValueError, match="known"):
-        method_fingerprint("nope")
-
-
-def test_method_fingerprint_imports_no_torch(tmp_path):
-    code = (
-        "import sys\nfrom ovss_label.backend.models.fingerprints import warm_fingerprints\n"
-        "from ovss_label.methods import METHODS\n"
-        "print(warm_fingerprints(METHODS, 'sam_vit_h'))\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
-def test_warm_fingerprints_says_which_files_it_hashes_once(foreign_sam, caplog):
+def test_a_server_hashes_its_files_at_start_once_per_machine(foreign_sam, caplog, tmp_path):
     caplog.set_level(logging.INFO, LOGGER)
     methods = ["naclip", "naclip+sam"]
-    first = warm_fingerprints(methods)
+    first = Engine(ServerSettings(data_dir=tmp_path)).warm(methods)
     assert f"fingerprinting {foreign_sam.name} (" in caplog.text
     assert "once per machine" in caplog.text
     caplog.clear()
     fp.forget_process_cache()  # a restart: the disk cache knows the file
-    assert warm_fingerprints(methods) == first == {m: method_fingerprint(m) for m in methods}
+    again = Engine(ServerSettings(data_dir=tmp_path)).warm(methods)
+    assert again == first == {m: method_plan(m).identity.version for m in methods}
     assert "fingerprinting" not in caplog.text
-
-
-def test_method_weights_table_covers_every_method():
-    assert set(METHOD_WEIGHTS) == set(METHODS)
-    for method in METHODS:
-        for sam_model in SAM_MODELS:
-            assert all(n in WEIGHTS for n in method_weights(method, sam_model))
-    assert method_weights("clip_sam", "sam_vit_h") == ("clip_vit_l14", "sam_vit_h")
-    with pytest.raises(ValueError, match="unknown SAM"):
-        method_weights("clip_sam", "sam_vit_x")
-
-
-@pytest.mark.parametrize(
-    ("method", "sam_model"),
-    [(m, "sam_vit_b") for m in METHODS] + [("clip_sam", "sam_vit_l"), ("naclip+sam", "sam_vit_h")],
-)
-def test_method_weights_are_what_the_factories_load(method, sam_model, monkeypatch):
-    """Every factory, with default options, asks its builders for the table's names."""
-    from ovss_label.backend.proposers import clip_sam, naclip, pnp_ovss, presence, refine
-
-    seen: list[str] = []
-
-    def recording(real):
-        def build(name, **options):
-            seen.append(name)
-            return real(name, **{**options, "tiny": True})  # the twin: no file, seconds
-
-        return build
-
-    for module, attr in ((naclip, "build_clip"), (clip_sam, "build_clip"),
-                         (clip_sam, "build_sam"), (refine, "build_sam"),
-                         (pnp_ovss, "load_blip"), (presence, "build_clip")):  # fmt: skip
-        monkeypatch.setattr(module, attr, recording(getattr(module, attr)))
-    options = {"sam_model": sam_model} if "sam" in method else {}
-    create_proposer(method, **options)
-    assert tuple(seen) == method_weights(method, sam_model)
-
-
-def test_proposer_versions_carry_the_loaded_files(tiny_checkpoints, tmp_path):
-    openai, other = tiny_checkpoints["openai"], tiny_checkpoints["safetensors"]
-    naclip = create_proposer("naclip", tiny=True, checkpoint=str(openai))
-    assert naclip.model_version.endswith(f"-v0.1.0-w{short_fingerprint([_sha(openai)])}")
-    again = create_proposer("naclip", tiny=True, checkpoint=str(other))
-    assert again.model_version != naclip.model_version  # the same weights, another file
-    assert create_proposer("naclip", tiny=True).model_version.endswith("-wtiny")
-    sam_file = tmp_path / "sam.pth"
-    torch.save(_create_sam(TINY_SAM_CFG, seed=4).state_dict(), sam_file)
-    refined = create_proposer("naclip+sam", tiny=True, sam_checkpoint=str(sam_file))
-    assert refined.model_version.endswith(f"+sam_tiny-w{short_fingerprint([_sha(sam_file)])}")
-    both = create_proposer("clip_sam", tiny=True, sam_checkpoint=str(sam_file))
-    expected = short_fingerprint(["tiny", _sha(sam_file)])
-    assert both.model_version.startswith("clip_sam-clip_tiny-sam_tiny-v")
-    assert both.model_version.endswith(f"-w{expected}")
-
-
-def test_loaded_versions_name_what_method_fingerprint_predicts(tiny_checkpoints, monkeypatch):
-    """A proposer's ``-w`` part equals the server's fingerprint of the same files."""
-    from ovss_label.backend.models import clip
-
-    shutil.copy(tiny_checkpoints["openai"], weights_dir() / "ViT-B-16.pt")
-    monkeypatch.setattr(clip, "_openai_cfg", lambda arch: clip.TINY_CLIP_CFG)
-    naclip = create_proposer("naclip")
-    assert naclip.model_version.endswith(f"-w{method_fingerprint('naclip')}")
 
 
 def test_blip_snapshot_fingerprint_reaches_the_pnp_ovss_version():
@@ -281,7 +180,7 @@ def test_blip_snapshot_fingerprint_reaches_the_pnp_ovss_version():
     proposer = create_proposer("pnp_ovss")
     lines = f"model.safetensors:{_sha(folder / 'model.safetensors')}\n"
     assert proposer.blip.file_fingerprint == hashlib.sha256(lines.encode()).hexdigest()
-    assert proposer.model_version.endswith(f"-w{method_fingerprint('pnp_ovss')}")
+    assert proposer.identity == method_plan("pnp_ovss").identity
 
 
 def _client(payload: bytes) -> httpx.Client:

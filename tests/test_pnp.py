@@ -302,16 +302,26 @@ def test_real_defaults_stay_the_references_and_only_the_tiny_twin_gets_its_setti
 
     from ovss_label.backend.models.blip import TINY_PNP_SETTINGS
     from ovss_label.backend.models.blip_loader import LoadedBlip
-    from ovss_label.backend.proposers import pnp_ovss
+    from ovss_label.backend.proposers import create_proposer, pnp_ovss
 
     assert asdict(pnp_ovss.PnpConfig()) == REFERENCE_DEFAULTS
     monkeypatch.delenv("OVSS_PNP_TUNED", raising=False)
     # A stand-in for the real BLIP (no weights offline): what the factory configures is tested.
+    from ovss_label.backend.models import pool
+
     real = LoadedBlip(build_tiny_blip(len(VOCAB)), None, "blip_itm_large_flickr", False)
-    monkeypatch.setattr(pnp_ovss, "load_blip", lambda *args, **kwargs: real)
-    assert asdict(pnp_ovss.create_pnp_ovss(tiny=False).config) == REFERENCE_DEFAULTS
-    assert asdict(pnp_ovss.create_pnp_ovss().config) == REFERENCE_DEFAULTS  # OVSS_TINY unset
-    tiny = pnp_ovss.create_pnp_ovss(tiny=True).config
+    monkeypatch.setattr(pool, "_build", lambda ref, device: real)
+    monkeypatch.setattr(pool.WeightRef, "fingerprint", lambda self: "stand-in")
+    assert asdict(create_proposer("pnp_ovss", tiny=False).config) == REFERENCE_DEFAULTS
+    assert (
+        asdict(
+            create_proposer(
+                "pnp_ovss",
+            ).config
+        )
+        == REFERENCE_DEFAULTS
+    )  # OVSS_TINY unset
+    tiny = create_proposer("pnp_ovss", tiny=True).config
     assert asdict(tiny) == {**REFERENCE_DEFAULTS, **TINY_PNP_SETTINGS}
     assert tiny.layer != REFERENCE_DEFAULTS["layer"]  # the twin's last layer has no gradient
-    assert pnp_ovss.create_pnp_ovss(tiny=True, threshold=0.3).config.threshold == 0.3
+    assert create_proposer("pnp_ovss", tiny=True, threshold=0.3).config.threshold == 0.3

@@ -16,9 +16,9 @@ from label_studio_sdk.label_interface.interface import LabelInterface
 from PIL import Image
 from pycocotools.coco import COCO
 
-from ovss_label.backend.models.fingerprints import short_fingerprint
 from ovss_label.backend.models.weights import get_spec
 from ovss_label.backend.predict import collect_images, local_files_url
+from ovss_label.backend.proposers import method_plan
 from ovss_label.cli import cli
 from ovss_label.methods import METHODS
 
@@ -66,9 +66,8 @@ def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path, method):
     for task in tasks:
         assert task["data"]["image"].startswith("/data/local-files/?d=")
         prediction = task["predictions"][0]
-        assert prediction["model_version"].startswith(f"{method.split('+')[0]}-clip_tiny")
-        # Twins load no file: their weights fingerprint is "tiny" (-wtiny).
-        assert prediction["model_version"].endswith("+sam_tiny-wtiny") == (method == "naclip+sam")
+        assert prediction["model_version"] == method_plan(method, tiny=True).identity.version
+        assert "·tiny·" in prediction["model_version"]  # twins load no file
         assert interface.validate_prediction(prediction)
         assert prediction["result"], task["data"]["image"]
         assert {r["type"] for r in prediction["result"]} == {"brushlabels", "polygonlabels"}
@@ -138,11 +137,13 @@ def test_predict_uses_real_weights_from_the_weights_dir(
     assert result.exit_code == 0, result.output
     assert "MEANINGLESS" not in result.output
     version = json.loads(out.read_text())[0]["predictions"][0]["model_version"]
-    assert version.startswith("naclip-clip_vit_b16")
+    assert version.startswith("naclip·b16·") and "tiny" not in version
     # Not the published ViT-B-16.pt: the version must not pass for the published model's.
-    published = short_fingerprint([get_spec("clip_vit_b16").sha256])
-    assert version.endswith("-w" + short_fingerprint([_sha256(weights / "ViT-B-16.pt")]))
-    assert not version.endswith("-w" + published)
+    identity = method_plan("naclip", tiny=False, background="none").identity
+    assert version == identity.version
+    (clip_weight,) = identity.weights
+    assert clip_weight.fingerprint == _sha256(weights / "ViT-B-16.pt")
+    assert clip_weight.fingerprint != get_spec("clip_vit_b16").sha256
 
 
 def test_predict_without_weights_fails_with_one_clear_line(photos, tmp_path):
@@ -217,8 +218,10 @@ def test_no_pamr_option_reaches_the_proposer(photos, tmp_path, monkeypatch):
     result = _predict([str(photos / "coffee.png"), "--labels", "cup", "-o", str(out), "--no-pamr",
                        "--document-root", str(photos)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert seen["pamr_steps"] == 0 and seen["map_cache_mb"] == 0
-    assert "pamr0" in json.loads(out.read_text())[0]["predictions"][0]["model_version"]
+    assert seen["pamr_steps"] == 0 and "feature_cache" not in seen  # each file is scored once
+    version = json.loads(out.read_text())[0]["predictions"][0]["model_version"]
+    assert version == method_plan("naclip", tiny=True, pamr_steps=0).identity.version
+    assert version != method_plan("naclip", tiny=True).identity.version
 
 
 @pytest.mark.parametrize("method", ["pnp_ovss", "pnp_ovss+sam"])
@@ -232,8 +235,7 @@ def test_predict_with_pnp_ovss_writes_valid_files(photos, tmp_path, method):
     tasks = json.loads(out.read_text())
     assert len(tasks) == 1 and "broken.jpg" in result.output
     prediction = tasks[0]["predictions"][0]
-    assert prediction["model_version"].startswith("pnp_ovss-blip_tiny")
-    assert prediction["model_version"].endswith("+sam_tiny-wtiny") == method.endswith("+sam")
+    assert prediction["model_version"] == method_plan(method, tiny=True).identity.version
     config = (tmp_path / "tasks.label_config.xml").read_text()
     assert LabelInterface(config).validate_prediction(prediction)
     assert (

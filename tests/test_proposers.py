@@ -10,6 +10,7 @@ import torch
 from helpers import disc
 from shapely.geometry import Polygon
 
+from ovss_label.backend.models.identity import ModelIdentity
 from ovss_label.backend.proposers import (
     FeatureCache,
     Features,
@@ -35,8 +36,8 @@ class PaintingProposer(Proposer):
         self.lock = threading.Lock()
 
     @property
-    def model_version(self) -> str:
-        return "paint-1"
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.of("paint", {"revision": 1}, [])
 
     def encode(self, image):
         with self.lock:
@@ -58,7 +59,7 @@ def test_registry_lists_and_builds_naclip():
     with pytest.raises(ValueError, match=r"available: .*naclip"):
         create_proposer("nope")
     naclip = create_proposer("naclip", tiny=True)
-    assert naclip.model_version.startswith("naclip-clip_tiny")
+    assert naclip.model_version.startswith("naclip·b16·tiny·")
 
 
 def test_proposal_validates_shapes():

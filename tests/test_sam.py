@@ -10,6 +10,7 @@ import torch
 from helpers import disc
 from segment_anything import SamPredictor
 
+from ovss_label.backend.models.pool import ModelPool, WeightRef
 from ovss_label.backend.models.sam import SAM_ARCHS, TINY_SAM_CFG, _create_sam, build_sam
 from ovss_label.backend.proposers import FeatureCache, Proposal, create_proposer, propose
 from ovss_label.backend.proposers.refine import RefineConfig, prompts_from_proposal
@@ -103,17 +104,17 @@ def test_prompts_from_hand_made_score_maps():
     assert len(prompts_from_proposal(proposal, RefineConfig(min_area=0.2))) == 0
 
 
-def test_one_sam_encoder_pass_per_image(tiny_checkpoints, tiny_sam, monkeypatch):
-    calls = []
-    tiny_sam.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
-    cache = FeatureCache()
-    from ovss_label.backend.proposers import refine
-
-    monkeypatch.setattr(refine, "build_sam", lambda *a, **k: tiny_sam)
+def test_one_sam_encoder_pass_per_image(tiny_checkpoints, tiny_files):
+    cache, pool = FeatureCache(), ModelPool()
     proposer = create_proposer(
         "naclip+sam", tiny=True, checkpoint=tiny_checkpoints["openai"], background="none",
-        feature_cache=cache, slide_crop=32, slide_stride=16, short_side=48,
+        sam_checkpoint=tiny_files["sam"], pool=pool, feature_cache=cache, slide_crop=32,
+        slide_stride=16, short_side=48,
     )  # fmt: skip
+    tiny_sam = pool.load(WeightRef("sam_vit_b", tiny_files["sam"], tiny=True))
+    assert tiny_sam is proposer.sam  # the pool's one SAM: clicks would use it too
+    calls = []
+    tiny_sam.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
     image = _image(seed=1)
     for labels in ("cat, dog", "cup", "cat, cup, person"):
         proposal = propose(proposer, image, Vocabulary.from_labels(labels), cache)

@@ -377,35 +377,3 @@ def test_unusable_label_configs_store_nothing(server, config):
     response = client.post("/predict", json=body)
     assert response.status_code == 200 and response.json()["results"] == [[]]
     assert client.post("/setup", json={"schema": config}).status_code == 200
-
-
-def test_a_text_prompt_is_an_ad_hoc_query_labelled_with_a_project_label(server):
-    from ovss_label.backend.server.interactive import label_for_text, text_prompt
-    from ovss_label.ontologies import Vocabulary
-
-    client, engine = server
-    vocab = Vocabulary(("Cat", "Dog"), (("cat", "kitten"), ("dog",)))
-    assert label_for_text("KITTEN", vocab, None) == "Cat"  # a synonym, any case
-    assert label_for_text("giraffe", vocab, None) == "Cat"  # no encoder: the first label
-    encoder = engine.proposer("naclip").text
-    assert label_for_text("giraffe", vocab, encoder) in ("Cat", "Dog")  # nearest text embedding
-    context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
-                           "value": {"text": [" Kitten "]}}]}  # fmt: skip
-    assert text_prompt(context) == "Kitten"  # a synonym of Cat: the label is decided by rule
-    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
-    body["params"]["context"] = context
-    seen = []
-    real = engine.predict_task
-
-    def spy(task, project):
-        seen.append(project.vocabulary)
-        return real(task, project)
-
-    engine.predict_task = spy
-    results = client.post("/predict", json=body).json()["results"]
-    (queried,) = seen  # one task, predicted with the one-query vocabulary
-    assert queried.names == ("Cat",) and queried.synonyms == (("Kitten",),)
-    assert len(results) == 1 and LabelInterface(CONFIG).validate_prediction(results[0])
-    labels = {r["value"].get("brushlabels", r["value"].get("polygonlabels", [""]))[0]
-              for r in results[0]["result"]}  # fmt: skip
-    assert labels <= {"Cat", "Dog"} and len(labels) <= 1

@@ -17,7 +17,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from helpers import half_and_half, png_bytes
 
+from ovss_label.backend.proposers import method_plan
 from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings, create_app
+from ovss_label.backend.server.interactive import label_for_text
 from ovss_label.backend.server.media import MediaFetcher
 from ovss_label.backend.server.projects import ProjectCache, parse_project
 from ovss_label.ontologies import Vocabulary
@@ -268,10 +270,14 @@ def test_a_text_given_as_a_string_is_the_query(client, monkeypatch):
     http, engine = client
     seen = []
     real = engine.predict_task
-    monkeypatch.setattr(engine, "predict_task", lambda t, p: seen.append(p) or real(t, p))
+    monkeypatch.setattr(
+        engine, "predict_task", lambda t, p, label: seen.append((p, label)) or real(t, p, label)
+    )
     response = http.post("/predict", json=_with_text(" kitten "))
     assert response.status_code == 200 and len(response.json()["results"]) == 1
-    assert [p.vocabulary.synonyms for p in seen] == [(("kitten",),)]
+    vocabulary, embedder = seen[0][0].vocabulary, engine.proposer("naclip").text_embedder()
+    expected = label_for_text("kitten", engine.projects.get(CONFIG).vocabulary, embedder)
+    assert [(vocabulary.synonyms, label) for _, label in seen] == [((("kitten",),), expected)]
 
 
 @pytest.mark.parametrize(
@@ -330,17 +336,17 @@ def test_setup_reports_the_weight_file_that_would_be_loaded(
 
     import ovss_label.backend.server.engine as engine_module
 
-    monkeypatch.setattr(engine_module, "create_proposer", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(engine_module.ModelPool, "load", lambda *a, **k: pytest.fail("loaded"))
     weights = tmp_path / "weights"
     weights.mkdir()
     monkeypatch.setenv("OVSS_WEIGHTS_DIR", str(weights))
     engine = Engine(ServerSettings(data_dir=tmp_path / "data"))
     http = TestClient(create_app(engine))
     published = http.post("/setup", json={"schema": CONFIG}).json()["model_version"]
+    assert published == method_plan("naclip", tiny=False).identity.version  # the table's sha256
     shutil.copy(tiny_checkpoints["openai"], weights / "ViT-B-16.pt")  # not the published file
     other = http.post("/setup", json={"schema": CONFIG}).json()["model_version"]
-    assert published.startswith("ovss-label-") and published.endswith("-naclip-6fbafc")
-    assert other.startswith("ovss-label-") and other != published
+    assert other.startswith("naclip·b16·") and other != published
     assert engine.model_version("naclip+sam") != engine.model_version("naclip")
     engine.close()
 

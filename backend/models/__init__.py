@@ -3,7 +3,8 @@
 Nothing here loads weights at import time; builders load when called.
 """
 
-from .weights import WEIGHTS, MissingWeightError, WeightSpec, get_spec, resolve_weight, weights_dir
+from ..store import weights_dir
+from .weights import WEIGHTS, MissingWeightError, WeightSpec, get_spec, resolve_weight
 
 __all__ = [
     "WEIGHTS",

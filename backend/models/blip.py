@@ -211,3 +211,29 @@ def _cam(probs: torch.Tensor, grad: torch.Tensor, attention_mask: torch.Tensor) 
     cam = probs[..., 1:] * grad[..., 1:].clamp(min=0)
     cam = cam * attention_mask[:, None, :, None].to(cam.dtype)
     return cam.reshape(*cam.shape[:3], side, side).clamp(min=0)
+
+
+class BlipTextEmbedder:
+    """BLIP's image-text contrastive (ITC) text embedding: ``text_proj`` of the text encoder's
+    first token, text-only mode (no cross-attention), L2-normalised, as
+    ``BlipForImageTextRetrieval.forward(use_itm_head=False)`` computes it. Lets a PnP-OVSS
+    project match free text to its labels without a CLIP. Thread-safe (no state)."""
+
+    def __init__(self, blip: Any) -> None:
+        self.blip = blip
+
+    @torch.no_grad()
+    def query_features(self, vocabulary: Any) -> tuple[torch.Tensor, list[int]]:
+        """(Q, D) unit rows, one per synonym in class order (templates are CLIP's idea and
+        not used), and each query's class index."""
+        queries, query_idx = vocabulary.queries()
+        model = self.blip.model
+        device = next(model.parameters()).device
+        batch = self.blip.tokenizer(queries, return_tensors="pt", padding="longest")
+        out = model.text_encoder(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            return_dict=True,
+        )
+        features = model.text_proj(out.last_hidden_state[:, 0, :]).float()
+        return torch.nn.functional.normalize(features, dim=-1).cpu(), list(query_idx)

@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
+from ..store import weights_dir
 from .blip import BLIP_HUB_IDS, ENC_TOKEN, TINY_PNP_SETTINGS, build_tiny_blip
 from .checkpoints import CheckpointError
 from .clip import tiny_requested, warn_tiny
 from .fingerprints import TINY, file_sha256, published_fingerprint, weight_fingerprint
-from .weights import MissingWeightError, find_weight, get_spec, offline, weights_dir
+from .weights import MissingWeightError, find_weight, get_spec, offline
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ class LoadedBlip:
         name: Weight name or ``blip_tiny``.
         tiny: True for the random tiny twin.
         file_fingerprint: The snapshot's fingerprint (``fingerprints.py``), ``"tiny"`` for a
-            random twin; proposers put it in their ``model_version``.
+            random twin; it goes into model identities.
+        weight: The weight-table name asked for (also for its tiny twin): the name model
+            identities use.
     """
 
     model: Any
@@ -54,6 +57,7 @@ class LoadedBlip:
     name: str
     tiny: bool
     file_fingerprint: str = TINY
+    weight: str = ""
 
 
 def tiny_tokenizer() -> Any:
@@ -85,13 +89,14 @@ def load_blip(
         warn_tiny(f"BLIP twin of {name}; PnP-OVSS defaults for it: {settings}")
         tokenizer = tiny_tokenizer()
         model = build_tiny_blip(len(tokenizer), pad=0, sep=3, bos=len(tokenizer) - 2)
-        return LoadedBlip(model.to(device), tokenizer, "blip_tiny", True)
+        return LoadedBlip(model.to(device), tokenizer, "blip_tiny", True, TINY, name)
     source = _source(name, path)
     loaded, processor_tokenizer = _from_pretrained(name, source)
     _lavis_conventions(loaded, processor_tokenizer, lavis_ln_eps)
     loaded.eval()
     loaded.to(device)
-    return LoadedBlip(loaded, processor_tokenizer, name, False, _fingerprint(name, source))
+    fingerprint = _fingerprint(name, source)
+    return LoadedBlip(loaded, processor_tokenizer, name, False, fingerprint, name)
 
 
 def _from_pretrained(name: str, source: str) -> tuple[Any, Any]:

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..store import weights_dir
 from .fingerprints import file_sha256
-from .weights import WEIGHTS, WeightSpec, weights_dir
+from .weights import WEIGHTS, WeightSpec
 
 log = logging.getLogger(__name__)
 

@@ -90,7 +90,9 @@ class LoadedClip:
         patch_size: Vision patch size in pixels.
         text_fingerprint: Hash of the text tower's weights; keys the text-embedding disk cache.
         file_fingerprint: The weight file's fingerprint (``fingerprints.py``), ``"tiny"`` for
-            a random twin; proposers put it in their ``model_version``.
+            a random twin; it goes into model identities.
+        weight: The weight-table name asked for (``clip_vit_b16`` also for its tiny twin): the
+            name model identities use.
     """
 
     model: CLIP
@@ -101,6 +103,7 @@ class LoadedClip:
     patch_size: int
     text_fingerprint: str
     file_fingerprint: str = TINY
+    weight: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +146,7 @@ def build_clip(
     if name not in CLIP_ARCHS and name != TINY_NAME:
         raise ValueError(f"unknown CLIP {name!r}; known: {', '.join([*CLIP_ARCHS, TINY_NAME])}")
     tiny = tiny_requested() if tiny is None else tiny
-    fingerprint = TINY
+    fingerprint, weight = TINY, name
     if tiny or name == TINY_NAME:
         model = _create_clip(TINY_CLIP_CFG)
         if checkpoint is not None:
@@ -161,7 +164,8 @@ def build_clip(
         mean, std = spec.mean, spec.std
     model = model.to(device)
     patch = model.visual.conv1.kernel_size[0]
-    return LoadedClip(model, name, tiny, mean, std, patch, text_fingerprint(model), fingerprint)
+    text = text_fingerprint(model)
+    return LoadedClip(model, name, tiny, mean, std, patch, text, fingerprint, weight)
 
 
 def _load_weights(model: CLIP, path: Path) -> None:

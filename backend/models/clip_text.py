@@ -28,8 +28,8 @@ from numpy.typing import NDArray
 
 from ovss_label.ontologies import Vocabulary
 
+from ..store import cache_dir as cache_dir  # re-exported: it lived here first
 from .clip import LoadedClip, clip_tokenizer
-from .weights import cache_dir as cache_dir  # re-exported: it lived here first
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger(__name__)

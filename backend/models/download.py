@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 
+from ..store import weights_dir
 from .fingerprints import file_sha256, remember_sha256
-from .weights import WeightSpec, sha256_file, weights_dir
+from .weights import WeightSpec, sha256_file
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""

@@ -18,7 +18,8 @@ concurrent processes safe; a cache that cannot be written only costs re-hashing.
 
 A table file whose sha256 is not the table's is logged once per file and process
 (:func:`weight_fingerprint`). Nothing here imports torch or builds a model, so a server can
-answer with a method's fingerprint (:func:`method_fingerprint`) before loading anything.
+answer with a model's identity (``identity.py``) before loading anything; a file hashed for the
+first time is logged (a server hashes its files at start: ``Engine.warm``).
 """
 
 from __future__ import annotations
@@ -27,21 +28,17 @@ import hashlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from ovss_label.methods import method_weights
-
-from .weights import WeightSpec, cache_dir, find_weight, get_spec, sha256_file
+from ..store import cache_dir
+from .weights import WeightSpec, find_weight, sha256_file
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 """The fingerprint of a tiny random twin: no file was loaded."""
-
-SHORT_LENGTH = 6
-"""Hex digits of :func:`short_fingerprint` (16.7 M values: enough to tell files apart)."""
 
 _StatKey = tuple[str, int, int]  # (resolved path, size, mtime_ns)
 
@@ -118,6 +115,7 @@ def file_sha256(path: Path) -> str:
     if known is not None:
         return known
     before = _stat_key(path)
+    log.info("fingerprinting %s (%s), once per machine", path.name, _human_size(before[1]))
     digest = sha256_file(Path(before[0]))
     if _stat_key(path) == before:  # not rewritten while read: the digest is of this version
         with _lock:
@@ -184,64 +182,6 @@ def expected_fingerprint(spec: WeightSpec) -> str:
     the file found on this machine (``weights.find_weight``), else the published one."""
     found = find_weight(spec)
     return weight_fingerprint(spec, found) if found is not None else published_fingerprint(spec)
-
-
-def short_fingerprint(fingerprints: Iterable[str]) -> str:
-    """:data:`SHORT_LENGTH` hex digits over ``fingerprints`` in order (for version strings);
-    :data:`TINY` when every one is a tiny twin's."""
-    parts = list(fingerprints)
-    if parts and all(p == TINY for p in parts):
-        return TINY
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:SHORT_LENGTH]
-
-
-def method_fingerprint(method: str, *, sam_model: str = "sam_vit_b", tiny: bool = False) -> str:
-    """The short fingerprint of the files ``method`` would load, without loading a model.
-
-    Files are those of ``ovss_label.methods.METHOD_WEIGHTS``; a file not on this machine
-    counts as the published one. Cheap after the first call for a file version (the sha256
-    caches); the first call may hash gigabytes: :func:`warm_fingerprints` does that up front.
-
-    Args:
-        method: A name of ``ovss_label.methods.METHODS``.
-        sam_model: The SAM the ``+sam`` methods and ``clip_sam`` use.
-        tiny: Tiny random twins: :data:`TINY`.
-
-    Returns:
-        :data:`SHORT_LENGTH` hex digits, or :data:`TINY`.
-    """
-    names = method_weights(method, sam_model)  # checks the names even for tiny twins
-    if tiny:
-        return TINY
-    return short_fingerprint(expected_fingerprint(get_spec(n)) for n in names)
-
-
-def warm_fingerprints(
-    methods: Iterable[str], sam_model: str = "sam_vit_b", *, tiny: bool = False
-) -> dict[str, str]:
-    """Fingerprints ``methods`` up front (a server calls this before accepting requests),
-    logging each file that must be hashed first.
-
-    Returns:
-        Method -> :func:`method_fingerprint`.
-    """
-    methods = list(methods)
-    if not tiny:
-        names = dict.fromkeys(n for m in methods for n in method_weights(m, sam_model))
-        for name in names:
-            _announce_hashing(get_spec(name))
-    return {m: method_fingerprint(m, sam_model=sam_model, tiny=tiny) for m in methods}
-
-
-def _announce_hashing(spec: WeightSpec) -> None:
-    found = find_weight(spec)
-    if found is None:
-        return
-    files = sorted(found.glob("*.safetensors")) if found.is_dir() else [found]
-    for file in files:
-        if cached_sha256(file) is None:
-            size = file.stat().st_size
-            log.info("fingerprinting %s (%s), once per machine", file.name, _human_size(size))
 
 
 def _human_size(size: int) -> str:

@@ -90,13 +90,16 @@ class LoadedSam:
         name: Weight-table name (``sam_vit_b``) or ``sam_tiny``.
         tiny: True for the random tiny twin.
         file_fingerprint: The weight file's fingerprint (``fingerprints.py``), ``"tiny"`` for
-            a random twin; proposers put it in their ``model_version``.
+            a random twin; it goes into model identities.
+        weight: The weight-table name asked for (``sam_vit_b`` also for its tiny twin): the
+            name model identities use.
     """
 
     model: Sam
     name: str
     tiny: bool
     file_fingerprint: str = TINY
+    weight: str = ""
 
     @cached_property
     def fingerprint(self) -> str:
@@ -192,12 +195,12 @@ def build_sam(
             fingerprint = weight_fingerprint(None, Path(checkpoint))
         else:
             warn_tiny(f"SAM twin of {name}")
-        return LoadedSam(model.to(device), TINY_NAME, True, fingerprint)
+        return LoadedSam(model.to(device), TINY_NAME, True, fingerprint, name)
     spec = get_spec(name)
     model = _create_sam(SAM_ARCHS[name])
     path = resolve_weight(spec, checkpoint)
     _load_weights(model, path)
-    return LoadedSam(model.to(device), name, False, weight_fingerprint(spec, path))
+    return LoadedSam(model.to(device), name, False, weight_fingerprint(spec, path), name)
 
 
 def _load_weights(model: Sam, path: Path) -> None:

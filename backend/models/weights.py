@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..store import weights_dir
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha}/{file}"
@@ -46,6 +48,8 @@ class WeightSpec:
         std: RGB std of the preprocessing, in [0, 1] units.
         hub_id: Optional Hugging Face hub id holding the same weights.
         size_mb: Approximate download size, for the table and progress bars.
+        family: Which builder loads it: ``"clip"``, ``"sam"`` or ``"blip"``.
+        tag: Short name in model versions (timm's ``arch.tag`` idea): ``b16``, ``samB``.
     """
 
     name: str
@@ -59,15 +63,20 @@ class WeightSpec:
     std: tuple[float, float, float] = OPENAI_STD
     hub_id: str = ""
     size_mb: int = 0
+    family: str = "clip"
+    tag: str = ""
     notes: str = field(default="", compare=False)
 
 
-def _openai(name: str, arch: str, file: str, sha: str, hub: str, size_mb: int) -> WeightSpec:
+def _openai(
+    name: str, arch: str, file: str, sha: str, hub: str, size_mb: int, tag: str
+) -> WeightSpec:
     url = _OPENAI_URL.format(sha=sha, file=file)
-    return WeightSpec(name, arch, file, url, sha, _MIT, "torchscript", hub_id=hub, size_mb=size_mb)
+    return WeightSpec(name, arch, file, url, sha, _MIT, "torchscript", hub_id=hub, size_mb=size_mb,
+                      family="clip", tag=tag)  # fmt: skip
 
 
-def _sam(name: str, arch: str, file: str, sha: str, size_mb: int) -> WeightSpec:
+def _sam(name: str, arch: str, file: str, sha: str, size_mb: int, tag: str) -> WeightSpec:
     # Plain state dicts (torch.save); SAM normalises with ImageNet mean/std on 0-255 pixels.
     url = f"https://dl.fbaipublicfiles.com/segment_anything/{file}"
     imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -82,15 +91,17 @@ def _sam(name: str, arch: str, file: str, sha: str, size_mb: int) -> WeightSpec:
         imagenet_mean,
         imagenet_std,
         size_mb=size_mb,
+        family="sam",
+        tag=tag,
     )
 
 
-def _hub(name: str, hub_id: str, size_mb: int) -> WeightSpec:
+def _hub(name: str, hub_id: str, size_mb: int, tag: str) -> WeightSpec:
     # A Hugging Face repository snapshot (a folder): the hub client checks each file's sha256
     # against the hub's own record, so the table holds no digest for it.
     url = f"https://huggingface.co/{hub_id}"
     return WeightSpec(name, "blip_itm_large", name, url, "", "BSD-3-Clause (BLIP)", "hf_hub",
-                      hub_id=hub_id, size_mb=size_mb)  # fmt: skip
+                      hub_id=hub_id, size_mb=size_mb, family="blip", tag=tag)  # fmt: skip
 
 
 # sha256 of the SAM checkpoints as published with them (segment-anything README downloads).
@@ -109,6 +120,7 @@ WEIGHTS: dict[str, WeightSpec] = {
             "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
             "timm/vit_base_patch16_clip_224.openai",
             335,
+            "b16",
         ),
         _openai(
             "clip_vit_l14",
@@ -117,6 +129,7 @@ WEIGHTS: dict[str, WeightSpec] = {
             "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
             "timm/vit_large_patch14_clip_224.openai",
             890,
+            "l14",
         ),
         _openai(
             "clip_vit_l14_336",
@@ -125,32 +138,19 @@ WEIGHTS: dict[str, WeightSpec] = {
             "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
             "timm/vit_large_patch14_clip_336.openai",
             891,
+            "l14-336",
         ),
-        _sam("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", _SAM_B, 358),
-        _sam("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", _SAM_L, 1192),
-        _sam("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", _SAM_H, 2446),
-        _hub("blip_itm_large_flickr", "Salesforce/blip-itm-large-flickr", 1880),
-        _hub("blip_itm_large_coco", "Salesforce/blip-itm-large-coco", 1880),
+        _sam("sam_vit_b", "vit_b", "sam_vit_b_01ec64.pth", _SAM_B, 358, "samB"),
+        _sam("sam_vit_l", "vit_l", "sam_vit_l_0b3195.pth", _SAM_L, 1192, "samL"),
+        _sam("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", _SAM_H, 2446, "samH"),
+        _hub("blip_itm_large_flickr", "Salesforce/blip-itm-large-flickr", 1880, "blipL-flickr"),
+        _hub("blip_itm_large_coco", "Salesforce/blip-itm-large-coco", 1880, "blipL-coco"),
     )
 }
 
 
 class MissingWeightError(FileNotFoundError):
     """A checkpoint was not found; the message says where to get it, in one line."""
-
-
-def cache_dir() -> Path:
-    """``$OVSS_CACHE_DIR`` or ``~/.cache/ovss-label``: text embeddings, file fingerprints."""
-    configured = os.environ.get("OVSS_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "ovss-label"
-
-
-def weights_dir() -> Path:
-    """The weights directory: ``$OVSS_WEIGHTS_DIR`` or ``~/.cache/ovss-label/weights``."""
-    configured = os.environ.get("OVSS_WEIGHTS_DIR")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "ovss-label" / "weights"
 
 
 def offline() -> bool:

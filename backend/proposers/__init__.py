@@ -3,11 +3,14 @@
 from .base import (
     BACKGROUND,
     Features,
+    MethodPlan,
     Proposal,
     Proposer,
+    TextEmbedder,
     available_proposers,
     create_proposer,
-    register_proposer,
+    method_plan,
+    register_method,
 )
 from .cache import FeatureCache, image_key, propose
 from .postprocess import PostprocessConfig, proposal_to_instances
@@ -16,13 +19,16 @@ __all__ = [
     "BACKGROUND",
     "FeatureCache",
     "Features",
+    "MethodPlan",
     "PostprocessConfig",
     "Proposal",
     "Proposer",
+    "TextEmbedder",
     "available_proposers",
     "create_proposer",
     "image_key",
+    "method_plan",
     "proposal_to_instances",
     "propose",
-    "register_proposer",
+    "register_method",
 ]

@@ -9,6 +9,15 @@ A proposer turns an image and a vocabulary into per-class score maps in two stat
 
 Proposers hold only immutable configuration and models in eval mode, so one instance serves
 many threads (no ``set_image`` state, unlike ``SamPredictor``).
+
+A method is registered as a **plan** function: from options alone (no model loaded) it decides
+the config, the weights and artifacts, hence the model's identity (``models/identity.py``),
+and returns a :class:`MethodPlan` whose ``build`` takes models from a ``ModelPool``. So the
+server answers ``/setup`` with the identity its predictions will carry without loading, and a
+server running several methods holds each model once.
+
+Capabilities are explicit: a proposer that can embed free text for label matching returns an
+embedder from :meth:`Proposer.text_embedder`; a composite passes its dense method's through.
 """
 
 from __future__ import annotations
@@ -16,13 +25,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
 from ovss_label.ontologies import Vocabulary
+
+from ..models.identity import ModelIdentity
+from ..models.pool import ModelPool
+
+if TYPE_CHECKING:
+    from .cache import FeatureCache
 
 BACKGROUND = "background"
 """A class with this name (any case) scores like the others but never becomes an instance."""
@@ -76,6 +91,14 @@ class Proposal:
             raise ValueError(f"assignment {self.assignment.shape} != {self.scores.shape[1:]}")
 
 
+class TextEmbedder(Protocol):
+    """Embeds a vocabulary's queries in a space where free text can be matched to labels."""
+
+    def query_features(self, vocabulary: Vocabulary) -> tuple[torch.Tensor, list[int]]:
+        """(Q, D) unit rows, one per query (synonym) in class order, and each one's class."""
+        ...
+
+
 class Proposer(ABC):
     """One open-vocabulary segmentation method (module docstring)."""
 
@@ -83,13 +106,22 @@ class Proposer(ABC):
 
     @property
     @abstractmethod
+    def identity(self) -> ModelIdentity:
+        """What this model is: method, settings, the files it loaded (``models/identity.py``)."""
+
+    @property
     def model_version(self) -> str:
-        """Identifies model + weights + settings; Label Studio's ``model_version``."""
+        """Label Studio's ``model_version``: the identity's short string."""
+        return self.identity.version
 
     @property
     def cache_key(self) -> str:
         """Keys cached features: two proposers with equal keys produce equal features."""
         return self.model_version
+
+    def text_embedder(self) -> TextEmbedder | None:
+        """An embedder for matching free text to labels, or None (module docstring)."""
+        return None
 
     @abstractmethod
     def encode(self, image: NDArray[Any]) -> Features:
@@ -100,18 +132,35 @@ class Proposer(ABC):
         """Word-dependent work on cached features; scores in the original frame."""
 
 
-ProposerFactory = Callable[..., Proposer]
-_REGISTRY: dict[str, ProposerFactory] = {}
+@dataclass(frozen=True)
+class MethodPlan:
+    """A method decided from its options, nothing loaded yet.
+
+    Attributes:
+        method: The registered name.
+        identity: The identity the built proposer will report (same files, same settings).
+        build: ``build(pool, feature_cache)`` loads the models from ``pool`` and returns the
+            proposer; ``feature_cache`` (optional) also holds derived maps (NACLIP's refined
+            query maps, the ``+sam`` sub-features), one memory budget for all.
+    """
+
+    method: str
+    identity: ModelIdentity
+    build: Callable[[ModelPool, FeatureCache | None], Proposer]
 
 
-def register_proposer(name: str) -> Callable[[ProposerFactory], ProposerFactory]:
-    """Decorator: makes ``factory(**options)`` available as method ``name``."""
+PlanFunction = Callable[..., MethodPlan]
+_REGISTRY: dict[str, PlanFunction] = {}
 
-    def wrap(factory: ProposerFactory) -> ProposerFactory:
+
+def register_method(name: str) -> Callable[[PlanFunction], PlanFunction]:
+    """Decorator: ``plan(**options) -> MethodPlan`` becomes method ``name``."""
+
+    def wrap(plan: PlanFunction) -> PlanFunction:
         if name in _REGISTRY:
-            raise ValueError(f"proposer {name!r} registered twice")
-        _REGISTRY[name] = factory
-        return factory
+            raise ValueError(f"method {name!r} registered twice")
+        _REGISTRY[name] = plan
+        return plan
 
     return wrap
 
@@ -123,9 +172,28 @@ def available_proposers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_proposer(name: str, **options: Any) -> Proposer:
-    """Builds method ``name`` with keyword options (e.g. ``tiny=True``, ``checkpoint=...``)."""
+def method_plan(name: str, **options: Any) -> MethodPlan:
+    """Method ``name`` planned with keyword options (``tiny``, ``checkpoint``, ``sam_model``,
+    config fields...); loads nothing.
+
+    Raises:
+        ValueError: Unknown method or option values (one line).
+    """
     methods = available_proposers()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(methods)}")
     return _REGISTRY[name](**options)
+
+
+def create_proposer(
+    name: str,
+    *,
+    pool: ModelPool | None = None,
+    feature_cache: FeatureCache | None = None,
+    device: str = "cpu",
+    **options: Any,
+) -> Proposer:
+    """Builds method ``name`` (options as :func:`method_plan`) with models from ``pool`` (a
+    private one on ``device`` when None)."""
+    plan = method_plan(name, **options)
+    return plan.build(pool if pool is not None else ModelPool(device), feature_cache)

@@ -32,17 +32,17 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from segment_anything import SamAutomaticMaskGenerator
 
-from ovss_label import __version__
 from ovss_label.converters import Instance
 from ovss_label.ontologies import Vocabulary
 
-from ..models.clip import LoadedClip, build_clip
+from ..models.clip import LoadedClip, tiny_requested
 from ..models.clip_text import TextEncoder
-from ..models.fingerprints import short_fingerprint
+from ..models.identity import ModelIdentity, WeightId, loaded_weight, settings_of
 from ..models.naclip_vit import clip_cls_and_naclip_tokens
-from ..models.sam import LoadedSam, build_sam
+from ..models.pool import ModelPool, WeightRef
+from ..models.sam import LoadedSam
 from . import fmbseg
-from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+from .base import BACKGROUND, Features, MethodPlan, Proposal, Proposer, register_method
 from .cache import FeatureCache, image_key
 from .frames import sliding_windows
 from .sam_prompts import SamEncoder, decode
@@ -108,9 +108,12 @@ class ClipSamProposer(Proposer):
         self.sam_encoder = SamEncoder(sam)
 
     @property
-    def model_version(self) -> str:
-        weights = short_fingerprint([self.clip.file_fingerprint, self.sam.file_fingerprint])
-        return f"clip_sam-{self.clip.name}-{self.sam.name}-v{__version__}-w{weights}"
+    def identity(self) -> ModelIdentity:
+        clip, sam = loaded_weight("clip", self.clip), loaded_weight("sam", self.sam)
+        return clip_sam_identity(self.config, clip, sam)
+
+    def text_embedder(self) -> TextEncoder:
+        return self.text
 
     @property
     def cache_key(self) -> str:
@@ -287,20 +290,34 @@ def automatic_masks(
     return records
 
 
-@register_proposer("clip_sam")
-def create_clip_sam(
+REVISION = 1
+"""Bumped when stage 1's numbers change for the same weights and settings."""
+
+
+def clip_sam_identity(config: ClipSamConfig, clip: WeightId, sam: WeightId) -> ModelIdentity:
+    """FMbSeg stage 1's identity (plan and proposer both use this)."""
+    settings = {"revision": REVISION, **settings_of(config)}
+    return ModelIdentity.of("clip_sam", settings, [clip, sam])
+
+
+@register_method("clip_sam")
+def plan_clip_sam(
     *,
     tiny: bool | None = None,
     checkpoint: str | None = None,
-    device: str = "cpu",
     sam_model: str = "sam_vit_b",
     sam_checkpoint: str | None = None,
-    feature_cache: FeatureCache | None = None,
-    text_cache: Any = None,
     **options: Any,
-) -> ClipSamProposer:
-    """Builds FMbSeg stage 1; ``options`` are :class:`ClipSamConfig` fields."""
+) -> MethodPlan:
+    """FMbSeg stage 1 planned; ``options`` are :class:`ClipSamConfig` fields."""
+    tiny = tiny_requested() if tiny is None else tiny
     config = ClipSamConfig(**options)
-    clip = build_clip(config.model, checkpoint=checkpoint, tiny=tiny, device=device)
-    sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
-    return ClipSamProposer(clip, sam, config, TextEncoder(clip, cache=text_cache), feature_cache)
+    clip_ref = WeightRef(config.model, checkpoint, tiny)
+    sam_ref = WeightRef(sam_model, sam_checkpoint, tiny)
+
+    def build(pool: ModelPool, cache: FeatureCache | None) -> ClipSamProposer:
+        clip, sam = pool.load(clip_ref), pool.load(sam_ref)
+        return ClipSamProposer(clip, sam, config, pool.text_encoder(clip), cache)
+
+    identity = clip_sam_identity(config, clip_ref.weight_id("clip"), sam_ref.weight_id("sam"))
+    return MethodPlan("clip_sam", identity, build)

@@ -42,14 +42,14 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from ovss_label import __version__
 from ovss_label.ontologies import Vocabulary, load
 
-from ..models.clip import LoadedClip, build_clip, tiny_requested
+from ..models.clip import LoadedClip, tiny_requested
 from ..models.clip_text import TextEncoder
-from ..models.fingerprints import short_fingerprint
+from ..models.identity import ModelIdentity, WeightId, loaded_weight, settings_of
 from ..models.naclip_vit import naclip_tokens
-from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+from ..models.pool import ModelPool, WeightRef
+from .base import BACKGROUND, Features, MethodPlan, Proposal, Proposer, register_method
 from .cache import FeatureCache, image_key
 from .frames import Frames, sliding_windows
 from .pamr import pamr_affinity, pamr_propagate
@@ -90,20 +90,17 @@ class NaclipProposer(Proposer):
         text: TextEncoder,
         map_cache: FeatureCache | None = None,
     ) -> None:
-        if config.background not in ("auto", "none"):
-            raise ValueError(f"background must be 'auto' or 'none', got {config.background!r}")
+        _check_background(config.background)
         self.clip, self.config, self.text, self.map_cache = clip, config, text, map_cache
         self._queries: dict[Vocabulary, tuple[torch.Tensor, list[int]]] = {}
         self._lock = threading.Lock()
 
     @property
-    def model_version(self) -> str:
-        c = self.config
-        weights = short_fingerprint([self.clip.file_fingerprint])  # which file, not only its name
-        return (
-            f"naclip-{self.clip.name}-std{c.gaussian_std:g}-pamr{c.pamr_steps}-v{__version__}"
-            f"-w{weights}"
-        )
+    def identity(self) -> ModelIdentity:
+        return naclip_identity(self.config, loaded_weight("clip", self.clip))
+
+    def text_embedder(self) -> TextEncoder:
+        return self.text
 
     @property
     def cache_key(self) -> str:
@@ -305,23 +302,38 @@ labels, the random twin gives nearly every pixel to the background and the demo 
 The real model's defaults are untouched."""
 
 
-@register_proposer("naclip")
-def create_naclip(
-    *,
-    tiny: bool | None = None,
-    checkpoint: str | None = None,
-    device: str = "cpu",
-    text_cache: Any = None,
-    map_cache_mb: int = 512,
-    **options: Any,
-) -> NaclipProposer:
-    """Builds NACLIP; ``options`` are :class:`NaclipConfig` fields.
+REVISION = 1
+"""Bumped when NACLIP's numbers change for the same weights and settings."""
+RUNTIME_FIELDS = ("window_batch",)
+"""Config fields that change speed or memory only: not part of the identity."""
 
-    ``map_cache_mb`` bounds the refined-query-map cache (module docstring); 0 turns it off.
-    """
-    if tiny_requested() if tiny is None else tiny:
+
+def naclip_identity(config: NaclipConfig, clip: WeightId) -> ModelIdentity:
+    """NACLIP's identity: its settings and the CLIP file (plan and proposer both use this)."""
+    settings = {"revision": REVISION, **settings_of(config, RUNTIME_FIELDS)}
+    return ModelIdentity.of("naclip", settings, [clip])
+
+
+@register_method("naclip")
+def plan_naclip(
+    *, tiny: bool | None = None, checkpoint: str | None = None, **options: Any
+) -> MethodPlan:
+    """NACLIP planned; ``options`` are :class:`NaclipConfig` fields. The refined query maps
+    (module docstring) are kept in the ``feature_cache`` given to ``build``, if any."""
+    tiny = tiny_requested() if tiny is None else tiny
+    if tiny:
         options = {**TINY_NACLIP_SETTINGS, **options}
     config = NaclipConfig(**options)
-    clip = build_clip(config.model, checkpoint=checkpoint, tiny=tiny, device=device)
-    maps = FeatureCache(max_bytes=map_cache_mb << 20) if map_cache_mb > 0 else None
-    return NaclipProposer(clip, config, TextEncoder(clip, cache=text_cache), maps)
+    _check_background(config.background)
+    ref = WeightRef(config.model, checkpoint, tiny)
+
+    def build(pool: ModelPool, cache: FeatureCache | None) -> NaclipProposer:
+        clip = pool.load(ref)
+        return NaclipProposer(clip, config, pool.text_encoder(clip), cache)
+
+    return MethodPlan("naclip", naclip_identity(config, ref.weight_id("clip")), build)
+
+
+def _check_background(background: str) -> None:
+    if background not in ("auto", "none"):
+        raise ValueError(f"background must be 'auto' or 'none', got {background!r}")

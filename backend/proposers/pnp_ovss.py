@@ -24,12 +24,10 @@ score 0.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,16 +36,32 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
-from ovss_label import __version__
 from ovss_label.ontologies import Vocabulary
 
-from ..models.blip import TINY_PNP_SETTINGS, check_layer_head, encode_caption, itm_gradcam
-from ..models.blip_loader import LoadedBlip, load_blip
+from ..models.blip import (
+    TINY_PNP_SETTINGS,
+    BlipTextEmbedder,
+    check_layer_head,
+    encode_caption,
+    itm_gradcam,
+)
+from ..models.blip_loader import LoadedBlip
 from ..models.clip import tiny_requested
-from ..models.fingerprints import short_fingerprint
+from ..models.identity import ArtifactId, ModelIdentity, WeightId, loaded_weight, settings_of
+from ..models.pool import ModelPool, WeightRef
 from ..models.weights import OPENAI_MEAN, OPENAI_STD
+from ..store import Tuned, load_tuned
 from . import pnp
-from .base import BACKGROUND, Features, Proposal, Proposer, register_proposer
+from .base import (
+    BACKGROUND,
+    Features,
+    MethodPlan,
+    Proposal,
+    Proposer,
+    TextEmbedder,
+    register_method,
+)
+from .cache import FeatureCache
 
 log = logging.getLogger(__name__)
 _CRF_WARNED: list[bool] = []
@@ -98,21 +112,28 @@ class PnpOvssProposer(Proposer):
 
     name = "pnp_ovss"
 
-    def __init__(self, blip: LoadedBlip, config: PnpConfig, presence: Any = None) -> None:
-        if config.presence not in ("all", "clip") or (config.presence == "clip") != bool(presence):
-            raise ValueError("presence must be 'all', or 'clip' with a CLIP presence filter")
-        self.blip, self.config, self.presence = blip, config, presence
+    def __init__(
+        self,
+        blip: LoadedBlip,
+        config: PnpConfig,
+        presence: Any = None,
+        tuned: Tuned | None = None,
+    ) -> None:
+        _check_presence(config)
+        if (config.presence == "clip") != bool(presence):
+            raise ValueError("presence 'clip' needs a CLIP presence filter, 'all' none")
+        self.blip, self.config, self.presence, self.tuned = blip, config, presence, tuned
 
     @property
-    def model_version(self) -> str:
-        c = self.config
-        files = [self.blip.file_fingerprint]
+    def identity(self) -> ModelIdentity:
+        weights = [loaded_weight("blip", self.blip)]
         if self.presence is not None:  # the CLIP presence filter's weights decide too
-            files.append(self.presence.clip.file_fingerprint)
-        return (
-            f"pnp_ovss-{self.blip.name}-L{c.layer}H{c.head}-{c.drop_rule}{c.rounds}-v{__version__}"
-            f"-w{short_fingerprint(files)}"
-        )
+            weights.append(loaded_weight("presence", self.presence.clip))
+        return pnp_identity(self.config, weights, self.tuned)
+
+    def text_embedder(self) -> TextEmbedder:
+        """The presence filter's CLIP when there is one, else BLIP's own ITC embedding."""
+        return self.presence.text if self.presence is not None else BlipTextEmbedder(self.blip)
 
     def encode(self, image: NDArray[Any]) -> Features:
         """Features: ``pixels`` (1, 3, S, S) normalised; ``image`` (H, W, 3) uint8 for the CRF."""
@@ -255,46 +276,67 @@ def dense_crf(image: NDArray[Any], channels: NDArray[Any], iterations: int = 10)
     return labels
 
 
-def load_tuned(name: str) -> dict[str, Any]:
-    """The tuned settings saved by ``ovss-label tune`` under ``name`` (or a JSON file path)."""
-    from ..tune import tuned_path
-
-    path = Path(name) if name.endswith(".json") else tuned_path(name)
-    if not path.is_file():
-        raise ValueError(f"no tuned PnP-OVSS configuration {name!r} at {path}; run ovss-label tune")
-    record = json.loads(path.read_text())
-    return {k: record[k] for k in ("layer", "head", "threshold", "blur_sigma")}
+REVISION = 1
+"""Bumped when PnP-OVSS's numbers change for the same weights and settings."""
+PRESENCE_CLIP = "clip_vit_l14_336"
+"""The CLIP of ``presence="clip"`` (``presence.py``)."""
 
 
-@register_proposer("pnp_ovss")
-def create_pnp_ovss(
+def pnp_identity(config: PnpConfig, weights: list[WeightId], tuned: Tuned | None) -> ModelIdentity:
+    """PnP-OVSS's identity: settings, BLIP (+ presence CLIP) files, the tuned configuration
+    read (plan and proposer both use this)."""
+    settings = {"revision": REVISION, **settings_of(config)}
+    artifacts = [ArtifactId("tuned", tuned.name, tuned.digest)] if tuned is not None else []
+    return ModelIdentity.of("pnp_ovss", settings, weights, artifacts)
+
+
+def _check_presence(config: PnpConfig) -> None:
+    if config.presence not in ("all", "clip"):
+        raise ValueError(f"presence must be 'all' or 'clip', got {config.presence!r}")
+
+
+@register_method("pnp_ovss")
+def plan_pnp_ovss(
     *,
     tiny: bool | None = None,
     checkpoint: str | None = None,
-    device: str = "cpu",
     model: str = "blip_itm_large_flickr",
     tuned: str | None = None,
     **options: Any,
-) -> PnpOvssProposer:
-    """Builds PnP-OVSS; ``checkpoint`` is a BLIP folder; ``options`` are :class:`PnpConfig`
-    fields; ``tuned`` (or ``OVSS_PNP_TUNED``) names an ``ovss-label tune`` result whose layer,
-    head, threshold and blur σ are used. The tiny twin starts from ``TINY_PNP_SETTINGS``
-    (``models/blip.py``: why) instead of the reference's defaults.
+) -> MethodPlan:
+    """PnP-OVSS planned; ``checkpoint`` is a BLIP folder; ``options`` are :class:`PnpConfig`
+    fields; ``tuned`` (or ``OVSS_PNP_TUNED``) names an ``ovss-label tune`` result (read from
+    the store) whose layer, head, threshold and blur σ are used. The tiny twin starts from
+    ``TINY_PNP_SETTINGS`` (``models/blip.py``: why) instead of the reference's defaults.
 
     Raises:
-        ValueError: ``layer`` or ``head`` is not in the loaded BLIP (names the allowed ranges).
+        ValueError: ``layer`` or ``head`` is not in the loaded BLIP (at build; names the
+            allowed ranges), or the tuned configuration is missing.
     """
     tuned = tuned or os.environ.get("OVSS_PNP_TUNED") or None
-    if tuned:
-        options = {**load_tuned(tuned), **options}
-    if tiny_requested() if tiny is None else tiny:
+    record = load_tuned(tuned) if tuned else None
+    if record is not None:
+        options = {**record.settings, **options}
+    tiny = tiny_requested() if tiny is None else tiny
+    if tiny:
         options = {**TINY_PNP_SETTINGS, **options}
     config = PnpConfig(**options)
-    blip = load_blip(model, path=checkpoint, tiny=tiny, device=device)
-    check_layer_head(blip.model, [config.layer], [config.head], blip.name)
-    presence = None
+    _check_presence(config)
+    blip_ref = WeightRef(model, checkpoint, tiny)
+    refs = {"blip": blip_ref}
     if config.presence == "clip":
-        from .presence import ClipPresence
+        refs["presence"] = WeightRef(PRESENCE_CLIP, None, tiny)
 
-        presence = ClipPresence.build(tiny=tiny, device=device)
-    return PnpOvssProposer(blip, config, presence)
+    def build(pool: ModelPool, cache: FeatureCache | None) -> PnpOvssProposer:
+        blip = pool.load(blip_ref)
+        check_layer_head(blip.model, [config.layer], [config.head], blip.name)
+        presence = None
+        if "presence" in refs:
+            from .presence import ClipPresence
+
+            clip = pool.load(refs["presence"])
+            presence = ClipPresence(clip, pool.text_encoder(clip))
+        return PnpOvssProposer(blip, config, presence, record)
+
+    weights = [ref.weight_id(role) for role, ref in refs.items()]
+    return MethodPlan("pnp_ovss", pnp_identity(config, weights, record), build)

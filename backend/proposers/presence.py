@@ -18,7 +18,7 @@ from PIL import Image
 
 from ovss_label.ontologies import Vocabulary
 
-from ..models.clip import LoadedClip, build_clip
+from ..models.clip import LoadedClip
 from ..models.clip_text import TextEncoder
 
 TEMPLATE = ("a photo of a {}.",)
@@ -29,12 +29,6 @@ class ClipPresence:
 
     def __init__(self, clip: LoadedClip, text: TextEncoder) -> None:
         self.clip, self.text = clip, text
-
-    @classmethod
-    def build(cls, name: str = "clip_vit_l14_336", **options: Any) -> ClipPresence:
-        """With CLIP ``name`` (``options``: ``tiny``, ``device``, ``checkpoint``)."""
-        clip = build_clip(name, **options)
-        return cls(clip, TextEncoder(clip))
 
     @torch.no_grad()
     def embed(self, image: NDArray[Any]) -> torch.Tensor:

@@ -21,6 +21,7 @@ errs on the safe side.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +33,20 @@ from numpy.typing import NDArray
 from ovss_label.converters import Instance
 from ovss_label.ontologies import Vocabulary
 
-from ..models.fingerprints import short_fingerprint
-from ..models.sam import LoadedSam, build_sam
-from .base import BACKGROUND, Features, Proposal, Proposer, create_proposer, register_proposer
+from ..models.clip import tiny_requested
+from ..models.identity import ModelIdentity, WeightId, loaded_weight, settings_of
+from ..models.pool import ModelPool, WeightRef
+from ..models.sam import LoadedSam
+from .base import (
+    BACKGROUND,
+    Features,
+    MethodPlan,
+    Proposal,
+    Proposer,
+    TextEmbedder,
+    method_plan,
+    register_method,
+)
 from .cache import FeatureCache, image_key
 from .postprocess import assignment_of
 from .sam_prompts import SamEncoder, decode
@@ -114,16 +126,16 @@ class SamRefined(Proposer):
         cache: FeatureCache | None = None,
     ) -> None:
         self.dense, self.sam, self.cache = dense, sam, cache
-        self.config = config or RefineConfig()
-        if self.config.prompt not in PROMPT_MODES:
-            raise ValueError(f"prompt must be one of {PROMPT_MODES}, got {self.config.prompt!r}")
+        self.config = _checked(config or RefineConfig())
         self.sam_encoder = SamEncoder(sam)
         self.name = f"{dense.name}+sam"
 
     @property
-    def model_version(self) -> str:
-        weights = short_fingerprint([self.sam.file_fingerprint])
-        return f"{self.dense.model_version}+{self.sam.name}-w{weights}"
+    def identity(self) -> ModelIdentity:
+        return refined_identity(self.dense.identity, self.config, loaded_weight("sam", self.sam))
+
+    def text_embedder(self) -> TextEmbedder | None:
+        return self.dense.text_embedder()  # the dense method decides which label is where
 
     @property
     def cache_key(self) -> str:
@@ -172,26 +184,52 @@ class SamRefined(Proposer):
         return found
 
 
-def with_sam(dense_method: str) -> Callable[..., SamRefined]:
-    """A factory for ``<dense_method>+sam``: the dense method (its options passed through)
+def _checked(config: RefineConfig) -> RefineConfig:
+    if config.prompt not in PROMPT_MODES:
+        raise ValueError(f"prompt must be one of {PROMPT_MODES}, got {config.prompt!r}")
+    return config
+
+
+REVISION = 1
+"""Bumped when refinement's numbers change for the same weights and settings."""
+
+
+def refined_identity(dense: ModelIdentity, config: RefineConfig, sam: WeightId) -> ModelIdentity:
+    """``<dense>+sam``'s identity: the dense model's, SAM's file and the refinement settings
+    (plan and proposer both use this)."""
+    settings = {
+        "dense": json.loads(dense.settings),
+        "refine": {"revision": REVISION, **settings_of(config)},
+    }
+    weights = [*dense.weights, sam]
+    return ModelIdentity.of(f"{dense.method}+sam", settings, weights, dense.artifacts)
+
+
+def with_sam(dense_method: str) -> Callable[..., MethodPlan]:
+    """The plan of ``<dense_method>+sam``: the dense method (its options passed through)
     followed by SAM."""
 
-    def create(
+    def plan(
         *,
         tiny: bool | None = None,
-        device: str = "cpu",
         sam_model: str = "sam_vit_b",
         sam_checkpoint: str | None = None,
-        feature_cache: FeatureCache | None = None,
         refine: RefineConfig | None = None,
         **dense_options: Any,
-    ) -> SamRefined:
-        dense = create_proposer(dense_method, tiny=tiny, device=device, **dense_options)
-        sam = build_sam(sam_model, checkpoint=sam_checkpoint, tiny=tiny, device=device)
-        return SamRefined(dense, sam, refine, feature_cache)
+    ) -> MethodPlan:
+        tiny = tiny_requested() if tiny is None else tiny
+        dense = method_plan(dense_method, tiny=tiny, **dense_options)
+        config = _checked(refine or RefineConfig())
+        sam_ref = WeightRef(sam_model, sam_checkpoint, tiny)
 
-    return create
+        def build(pool: ModelPool, cache: FeatureCache | None) -> SamRefined:
+            return SamRefined(dense.build(pool, cache), pool.load(sam_ref), config, cache)
+
+        identity = refined_identity(dense.identity, config, sam_ref.weight_id("sam"))
+        return MethodPlan(f"{dense_method}+sam", identity, build)
+
+    return plan
 
 
 for _dense in ("naclip", "pnp_ovss"):
-    register_proposer(f"{_dense}+sam")(with_sam(_dense))
+    register_method(f"{_dense}+sam")(with_sam(_dense))

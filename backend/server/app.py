@@ -115,11 +115,12 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
+        """Every method's ``model_version`` (the default method first) and full manifest."""
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(
-            engine.control, lambda: [engine.model_version(m) for m in _methods(engine)]
+            engine.control, lambda: [engine.identity(m) for m in _methods(engine)]
         )
-        return {"versions": found}
+        return {"versions": [i.version for i in found], "models": [i.manifest() for i in found]}
 
     return app
 

@@ -74,7 +74,7 @@ def predict_project(
                     task=task["id"],
                     result=prediction["result"],
                     score=prediction["score"],
-                    model_version=version,
+                    model_version=prediction["model_version"],
                 )
                 report.predicted += 1
         if advance:

@@ -12,8 +12,13 @@ Label Studio's protocol facts this honours (label_studio.md §1.3-1.5; Label Stu
 - a task that fails for now (a timeout, a 5xx, a failed token refresh, a model that cannot load,
   an unusable labeling config) gets the entry ``[]``, a list of zero predictions: Label Studio
   stores nothing for it, so the next "Retrieve predictions" asks again;
-- models load once per process, on first use, never at import; the feature cache is shared by
-  all projects.
+- models load once per process, on first use, never at import, from one ``ModelPool`` (a SAM
+  or a CLIP used by several methods and by clicks is held once); one feature cache, shared by
+  all projects and methods, also holds derived maps (one memory budget).
+
+A method's ``model_version`` is its identity (``models/identity.py``): ``/setup`` computes it
+from the method's plan without loading anything (it has 3 s); once the proposer is built, its
+own identity (from the files it loaded) is reported everywhere, and tests hold the two equal.
 
 Executors (why several): tasks run in the bounded ``tasks`` pool; interactive clicks in their
 own one-thread pool, so a click never queues behind a batch; JSON bodies and labeling configs
@@ -27,28 +32,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
-from ovss_label import __version__
 from ovss_label.logs import redact_text
-from ovss_label.methods import METHODS
 from ovss_label.ontologies import Vocabulary
 
-from ..models.fingerprints import method_fingerprint
-from ..models.sam import LoadedSam, build_sam
+from ..models.identity import ModelIdentity
+from ..models.pool import ModelPool, WeightRef
+from ..models.sam import LoadedSam
 from ..proposers import (
     FeatureCache,
+    MethodPlan,
     PostprocessConfig,
     Proposer,
-    create_proposer,
+    method_plan,
     proposal_to_instances,
     propose,
 )
+from ..store import events_path
 from .events import EventStore
 from .interactive import has_prompt, interactive_prediction, label_for_text, text_prompt
 from .media import MediaError, MediaFetcher
@@ -56,8 +62,6 @@ from .projects import Project, ProjectCache
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-_SAM_METHODS = tuple(m for m in METHODS if "sam" in m)
 
 Prediction = dict[str, Any]
 NOT_NOW: list[Any] = []
@@ -71,57 +75,74 @@ class Engine:
         self.settings = settings
         self.media = fetcher or MediaFetcher(settings.media)
         self.cache = FeatureCache(settings.cache_mb << 20)
+        self.pool = ModelPool(settings.device)
         self.projects = ProjectCache(settings.method, settings.config_cache_mb << 20)
         self.tasks = ThreadPoolExecutor(settings.workers, thread_name_prefix="ovss-task")
         self.clicks = ThreadPoolExecutor(1, thread_name_prefix="ovss-click")
         self.control = ThreadPoolExecutor(2, thread_name_prefix="ovss-control")
         self.webhooks = ThreadPoolExecutor(1, thread_name_prefix="ovss-events")
         self._proposers: dict[str, Proposer] = {}
-        self._sam: LoadedSam | None = None
         self._lock = threading.Lock()
 
     @cached_property
     def events(self) -> EventStore:
         """The webhook event store, created on first use (batch jobs never need it)."""
-        return EventStore(self.settings.data_dir / "events.sqlite")
+        return EventStore(events_path(self.settings.data_dir))
+
+    def plan(self, method: str) -> MethodPlan:
+        """The method as this server runs it (its SAM, twins or not); loads nothing. Planned
+        anew each call: a weight file replaced since is another identity."""
+        s = self.settings
+        options: dict[str, Any] = {"tiny": s.tiny}
+        if "sam" in method:
+            options["sam_model"] = s.sam_model
+        return method_plan(method, **options)
+
+    def identity(self, method: str) -> ModelIdentity:
+        """The identity ``method``'s predictions carry: the built proposer's, else the plan's
+        (equal; module docstring)."""
+        with self._lock:
+            built = self._proposers.get(method)
+        return built.identity if built is not None else self.plan(method).identity
+
+    def warm(self, methods: Iterable[str]) -> dict[str, str]:
+        """Every method's ``model_version``, computed now: weight files are hashed here (once
+        per machine and file version, logged), not in a ``/setup`` that has 3 s. A method that
+        cannot be planned is logged and skipped (its requests will say why)."""
+        versions = {}
+        for method in methods:
+            try:
+                versions[method] = self.model_version(method)
+            except (OSError, ValueError) as exc:
+                log.warning("%s: no model version yet: %s", method, _safe(exc))
+        return versions
 
     def model_version(self, method: str) -> str:
-        """What ``/setup`` reports and every prediction of ``method`` carries: the method and
-        a fingerprint of the weight files it loads (another file under an official name is
-        another version), computed without loading a model (``/setup`` has 3 s)."""
-        s = self.settings
-        fingerprint = method_fingerprint(method, sam_model=s.sam_model, tiny=s.tiny)
-        return f"ovss-label-{__version__}-{method}-{fingerprint}"
+        """What ``/setup`` reports and every prediction of ``method`` carries."""
+        return self.identity(method).version
 
     def proposer(self, method: str) -> Proposer:
-        """The method's proposer, built once per process (thread-safe).
+        """The method's proposer, built once per process from the pool (thread-safe).
 
         Raises:
             ModelUnavailableError: It cannot be built (missing or unreadable weights, no memory).
         """
         with self._lock:
             if method not in self._proposers:
-                options: dict[str, Any] = {"tiny": self.settings.tiny or None}
-                options["device"] = self.settings.device
-                if method in _SAM_METHODS:
-                    options["feature_cache"] = self.cache
-                    options["sam_model"] = self.settings.sam_model
                 with _unavailable(method):
-                    self._proposers[method] = create_proposer(method, **options)
+                    self._proposers[method] = self.plan(method).build(self.pool, self.cache)
             return self._proposers[method]
 
     def sam(self) -> LoadedSam:
-        """The SAM for interactive prompts, built once per process.
+        """The SAM for interactive prompts: the pool's, shared with the ``+sam`` methods.
 
         Raises:
             ModelUnavailableError: It cannot be built.
         """
-        with self._lock:
-            if self._sam is None:
-                s = self.settings
-                with _unavailable(s.sam_model):
-                    self._sam = build_sam(s.sam_model, tiny=s.tiny or None, device=s.device)
-            return self._sam
+        s = self.settings
+        with _unavailable(s.sam_model):
+            sam: LoadedSam = self.pool.load(WeightRef(s.sam_model, None, s.tiny))
+        return sam
 
     def close(self) -> None:
         """Stops the executors (queued work is dropped)."""
@@ -150,21 +171,26 @@ class Engine:
             return [empty if live else NOT_NOW for _ in tasks]
         if interactive:
             return await _each(self.clicks, self._interactive, tasks, project, context)
+        label = None
         if text:
             try:
-                project = await loop.run_in_executor(self.tasks, self._text_query, project, text)
+                project, label = await loop.run_in_executor(
+                    self.tasks, self._text_query, project, text
+                )
             except Exception as exc:  # e.g. missing weights: a logged reason, not a 500
                 log.warning("text prompt: %s: %s", type(exc).__name__, _safe(exc))
                 return [self._empty(project.method) for _ in tasks]
-        entries = await _each(self.tasks, self._entry, tasks, project)
+        entries = await _each(self.tasks, self._entry, tasks, project, label)
         return [self._empty(project.method) if live and e == NOT_NOW else e for e in entries]
 
-    def _text_query(self, project: Project, text: str) -> Project:
-        """The project with a one-query vocabulary: ``text``, named by the nearest label."""
+    def _text_query(self, project: Project, text: str) -> tuple[Project, str]:
+        """The project with a one-class vocabulary ``text``, and the label its masks get: the
+        nearest by the method's own text embedder. The text is the class name and its one
+        synonym, so methods that caption with names (PnP-OVSS) read the text too."""
         proposer = self.proposer(project.method)
-        label = label_for_text(text, project.vocabulary, getattr(proposer, "text", None))
-        query = Vocabulary((label,), ((text,),), project.vocabulary.templates)
-        return replace(project, vocabulary=query)
+        label = label_for_text(text, project.vocabulary, proposer.text_embedder())
+        query = Vocabulary((text,), ((text,),), project.vocabulary.templates)
+        return replace(project, vocabulary=query), label
 
     def _interactive(self, task: Any, project: Project, context: Any) -> Prediction:
         task_id = task.get("id") if isinstance(task, dict) else None
@@ -184,19 +210,25 @@ class Engine:
             "model_version": self.model_version(project.method),
         }
 
-    def _entry(self, task: Any, project: Project) -> Prediction | list[Any]:
-        prediction = self.predict_task(task, project)
+    def _entry(self, task: Any, project: Project, label: str | None) -> Prediction | list[Any]:
+        prediction = self.predict_task(task, project, label)
         return NOT_NOW if prediction is None else prediction
 
-    def predict_task(self, task: Any, project: Project) -> Prediction | None:
+    def predict_task(
+        self, task: Any, project: Project, label: str | None = None
+    ) -> Prediction | None:
         """One task's prediction; a permanent failure gives an empty one, a failure that may
-        pass gives None (nothing to store now); either way a logged reason."""
+        pass gives None (nothing to store now); either way a logged reason. ``label``, when
+        given, names every instance (a text prompt's answer is one project label)."""
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             image = self._image(task, project)
-            proposal = propose(self.proposer(project.method), image, project.vocabulary, self.cache)
+            proposer = self.proposer(project.method)
+            proposal = propose(proposer, image, project.vocabulary, self.cache)
             post = PostprocessConfig(min_score=project.min_score)  # the project's threshold
             instances = proposal_to_instances(proposal, post)
+            for instance in instances if label is not None else []:
+                instance.label = label
         except Exception as exc:  # any failure stays this task's: the batch must go on
             reason = f"{type(exc).__name__}: {_safe(exc)}"
             if _transient(exc):
@@ -208,7 +240,7 @@ class Engine:
         return {
             "result": project.output.results(instances, post.min_area),
             "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
-            "model_version": self.model_version(project.method),
+            "model_version": proposer.model_version,
         }
 
     def _image(self, task: Any, project: Project) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
@@ -10,6 +11,8 @@ from rich.console import Console
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from ovss_label.methods import METHODS, SAM_MODELS
+
 
 @click.group("models")
 def models() -> None:
@@ -17,14 +20,33 @@ def models() -> None:
 
 
 @models.command("list")
-def list_() -> None:
+@click.option(
+    "--manifest",
+    is_flag=True,
+    help="Print each method's identity as JSON instead: model_version, settings, the weight "
+    "files (sha256) and artifacts it would load on this machine.",
+)
+@click.option(
+    "--sam-model",
+    type=click.Choice(SAM_MODELS),
+    default="sam_vit_b",
+    show_default=True,
+    help="The SAM of the +sam methods and clip_sam (as serve/predict --sam-model).",
+)
+def list_(manifest: bool, sam_model: str) -> None:
     """The weight table and which file each weight would load: none ("no"), the published
-    one, or another file (its predictions carry another model version).
+    one, or another file (its predictions carry another model version); then each method's
+    model_version on this machine.
 
-    On a terminal a table, then each weight's licence and source; otherwise tab-separated
-    rows with a header, for scripts. Names are never shortened: `models pull NAME` takes them.
+    On a terminal tables, then each weight's licence and source; otherwise tab-separated
+    weight rows with a header, for scripts. Names are never shortened: `models pull NAME`
+    takes them.
     """
     from ovss_label.backend.models import WEIGHTS, weights_dir
+
+    if manifest:
+        click.echo(json.dumps([i.manifest() for i in _identities(sam_model)], indent=1))
+        return
 
     header = ("name", "file", "MB", "licence", "present", "source")
     rows: list[tuple[str, ...]] = [
@@ -41,6 +63,22 @@ def list_() -> None:
     console.print(_table(rows, title))
     for name, _, _, licence, _, url in rows:  # long: wrapped by the terminal, never cut
         console.print(f"{name}: {licence}, {url}", soft_wrap=True, highlight=False)
+    methods = Table(title="methods (model_version on this machine; --manifest for all of it)",
+                    box=box.SIMPLE_HEAD)  # fmt: skip
+    methods.add_column("method", no_wrap=True)
+    methods.add_column("model_version", no_wrap=True)
+    for identity in _identities(sam_model):
+        methods.add_row(identity.method, identity.version)
+    console.print(methods)
+
+
+def _identities(sam_model: str) -> list[Any]:
+    """Every method's identity with default settings and ``sam_model`` (nothing loads)."""
+    from ovss_label.backend.proposers import method_plan
+
+    return [
+        method_plan(m, **({"sam_model": sam_model} if "sam" in m else {})).identity for m in METHODS
+    ]
 
 
 def _table(rows: list[tuple[str, ...]], title: str) -> Table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,29 +14,57 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ovss_label.converters import CocoWriter
+from ovss_label.commands.options import label_studio_options, tiny_option
+from ovss_label.converters import CocoWriter, ProjectConfig, ResultTargets
+from ovss_label.converters.ls_project import KINDS, NO_TARGETS
 from ovss_label.methods import METHODS, SAM_MODELS
 from ovss_label.ontologies import Vocabulary, label_config, load
 
 if TYPE_CHECKING:  # the backend imports torch: loaded only when a command needs it
-    from ovss_label.backend.predict import Output, PredictReport
+    from ovss_label.backend.predict import PredictReport
     from ovss_label.backend.proposers import PostprocessConfig, Proposer
 
-FORMATS = ("brush", "polygon", "both")
+FORMATS = KINDS
 
 
-def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None) -> Vocabulary:
+DEFAULT_METHOD = "naclip"
+
+
+def _project(
+    labels: str | None,
+    ontology: str | None,
+    config_xml: str | None,
+    fmt: str | None,
+    method: str | None,
+    min_score: float | None,
+) -> ProjectConfig:
+    """What the run predicts and where results go: a labeling config (parsed once; its
+    ``ovss_method`` and ``ovss_min_score`` apply as in the server; --method and --min-score
+    given on the command line override them), else --labels or --ontology with --format; a
+    bad one is a usage error. ``method`` None: not given (the config's, else naclip)."""
     given = [x for x in (labels, ontology, config_xml) if x]
     if len(given) != 1:
         raise click.UsageError("give exactly one of --labels, --ontology, --label-config")
     try:
-        if labels:
-            return Vocabulary.from_labels(labels)
-        if ontology:
-            return load(ontology)
-        return Vocabulary.from_label_config(str(config_xml))
+        if config_xml:
+            config = ProjectConfig.parse(config_xml, method or DEFAULT_METHOD, kind=fmt)
+            if config.targets is None:  # nowhere to put results (e.g. RectangleLabels only)
+                raise ValueError(NO_TARGETS)
+            if method is not None:
+                config = replace(config, method=method)
+            return config if min_score is None else replace(config, min_score=min_score)
+        vocab = Vocabulary.from_labels(labels) if labels else load(str(ontology))
     except (ValueError, KeyError) as exc:
         raise click.UsageError(str(exc)) from exc
+    targets = ResultTargets(fmt or "brush")
+    return ProjectConfig(method or DEFAULT_METHOD, vocab, targets, min_score or 0.0,
+                         targets.data_key)  # fmt: skip
+
+
+def _given(option: str) -> bool:
+    """True when ``option`` was typed on the command line (not a default)."""
+    source = click.get_current_context().get_parameter_source(option)
+    return source is click.core.ParameterSource.COMMANDLINE
 
 
 @click.command("predict")
@@ -48,7 +77,14 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="The project's labeling config XML: labels, synonyms and control names.",
 )
-@click.option("--method", type=click.Choice(METHODS), default="naclip", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="Without it, a --label-config's ovss_method on a control picks the method (as in "
+    "the server).",
+)
 @click.option(
     "-o",
     "--output",
@@ -56,8 +92,7 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
     help="Label Studio import file to write (files mode).",
 )
 @click.option("--project", type=int, help="Pre-annotate this Label Studio project instead.")
-@click.option("--url", envvar="LABEL_STUDIO_URL", help="Label Studio URL (with --project).")
-@click.option("--api-key", envvar="LABEL_STUDIO_API_KEY", help="Legacy token or PAT.")
+@label_studio_options
 @click.option(
     "--format", "fmt", type=click.Choice(FORMATS), help="Default: brush (or the config's)."
 )
@@ -67,8 +102,9 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
 @click.option(
     "--min-score",
     type=click.FloatRange(0, 1),
-    help="Drop instances scoring below this (0-1; default: keep all). In the server, a "
-    'project sets it on its BrushLabels/PolygonLabels control: ovss_min_score="0.3".',
+    help="Drop instances scoring below this (0-1; default: a --label-config's ovss_min_score, "
+    "else keep all). In the server, a project sets it on its BrushLabels/PolygonLabels "
+    'control: ovss_min_score="0.3".',
 )
 @click.option("--split", type=click.Choice(["components", "class"]), default="components")
 @click.option(
@@ -106,9 +142,7 @@ def _vocabulary(labels: str | None, ontology: str | None, config_xml: str | None
 @click.option("--sam-checkpoint", type=click.Path(dir_okay=False), help="Explicit SAM weight file.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Explicit weight file.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option(
-    "--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing tests)."
-)
+@tiny_option
 @click.option("--fail-on-skip", is_flag=True, help="Exit with status 1 if an image was skipped.")
 def predict(
     paths,
@@ -149,8 +183,6 @@ def predict(
     and posts each prediction back through the SDK as it is ready; tasks that already have a
     prediction of this model version are skipped, so a run resumes after an interruption.
     """
-    if tiny:
-        os.environ["OVSS_TINY"] = "1"
     if project is not None:
         from ovss_label.commands.predict_project import run_project
 
@@ -163,30 +195,30 @@ def predict(
         return
     if not paths or output is None:
         raise click.UsageError("give PATHS and -o OUTPUT, or --project ID")
-    from ovss_label.backend.predict import Output, collect_images, unsearched_folders
+    from ovss_label.backend.predict import collect_images, unsearched_folders
     from ovss_label.backend.proposers import PostprocessConfig
     from ovss_label.converters import write_json_atomic as write_json
 
     config_xml = config_path.read_text(encoding="utf-8") if config_path else None
-    vocab = _vocabulary(labels, ontology, config_xml)
+    chosen = method if _given("method") else None
+    run = _project(labels, ontology, config_xml, fmt, chosen, min_score)
     try:
         images = collect_images(paths, recursive=recursive)
-        target = Output.from_label_config(config_xml, fmt) if config_xml else Output(fmt or "brush")
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     _check_document_root(images, document_root)
-    options = _options(method, background, pamr, sam_model, sam_checkpoint)
-    proposer = _proposer(method, tiny, checkpoint, device, options)
-    writer = CocoWriter(vocab.names) if coco else None
+    options = _options(run.method, background, pamr, sam_model, sam_checkpoint)
+    proposer = _proposer(run.method, tiny, checkpoint, device, options)
+    writer = CocoWriter(run.vocabulary.names) if coco else None
     if overlays:
         overlays.mkdir(parents=True, exist_ok=True)
-    post = PostprocessConfig(min_area=min_area, split=split, min_score=min_score or 0.0)
+    post = PostprocessConfig(min_area=min_area, split=split, min_score=run.min_score)
     roots = (document_root, url_prefix)
-    tasks, report = _run(proposer, vocab, images, target, post, writer, overlays, roots)
+    tasks, report = _run(proposer, run, images, post, writer, overlays, roots)
     write_json(output, tasks, indent=1)
     if not config_xml:
         config_path = output.with_name(output.stem + ".label_config.xml")
-        config_path.write_text(label_config(vocab, target.kind), encoding="utf-8")
+        config_path.write_text(label_config(run.vocabulary, run.output.kind), encoding="utf-8")
     if writer:
         write_json(coco, writer.to_dict())
     unsearched = 0 if recursive else len(unsearched_folders(paths))
@@ -197,9 +229,8 @@ def predict(
 
 def _run(
     proposer: Proposer,
-    vocab: Vocabulary,
+    run: ProjectConfig,
     images: list[Path],
-    target: Output,
     post: PostprocessConfig,
     writer: CocoWriter | None,
     overlays: Path | None,
@@ -213,9 +244,9 @@ def _run(
         job = bar.add_task("predicting", total=len(images))
         result = predict_files(
             proposer,
-            vocab,
+            run.vocabulary,
             images,
-            output=target,
+            output=run.output,
             url_for=lambda p: local_files_url(p, document_root, url_prefix),
             name_for=lambda p: relative_name(p, document_root),
             postprocess=post,
@@ -257,7 +288,7 @@ def _options(
     # Each file is scored once: no feature or refined-map caches to fill memory with.
     options: dict[str, Any] = {}
     if method.startswith("naclip"):
-        options.update(pamr_steps=10 if pamr else 0, map_cache_mb=0)
+        options.update(pamr_steps=10 if pamr else 0)
         if background is not None:
             options.update(background=background)
     if "sam" in method:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
+from ovss_label.commands.options import tiny_option
 from ovss_label.logs import LEVELS, configure_logging
 from ovss_label.methods import METHODS, SAM_MODELS
 
@@ -58,7 +58,7 @@ from ovss_label.methods import METHODS, SAM_MODELS
     envvar="OVSS_WEBHOOK_TOKEN",
     help="Token Label Studio's webhook URL may carry as ?token= (with basic auth on).",
 )
-@click.option("--tiny", is_flag=True, envvar="OVSS_TINY", help="Tiny random models (plumbing).")
+@tiny_option
 @click.option(
     "--log-level",
     type=click.Choice(LEVELS, case_sensitive=False),
@@ -79,11 +79,8 @@ def serve(
     """
     import uvicorn
 
-    from ovss_label.backend.models.fingerprints import warm_fingerprints
     from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings, create_app
 
-    if tiny:
-        os.environ["OVSS_TINY"] = "1"
     configure_logging(log_level)
     for name in ("basic_auth_pass", "webhook_token"):
         if click.get_current_context().get_parameter_source(name) is ParameterSource.COMMANDLINE:
@@ -108,7 +105,7 @@ def serve(
     except ValueError as exc:  # e.g. OVSS_ALLOWED_NETWORKS that is not a network
         raise click.ClickException(str(exc)) from exc
     # Hash the weight files now (once per machine and file): /setup has 3 s to answer.
-    warm_fingerprints(METHODS, sam_model, tiny=tiny)
+    engine.warm(METHODS)
     # One process: models load once and are shared by threads (no fork after CUDA init).
     # log_config=None: uvicorn's loggers propagate to the root handlers and their redaction.
     uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, log_config=None,
