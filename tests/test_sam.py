@@ -253,21 +253,25 @@ def test_every_candidate_is_considered(two_block_sam):
         hook.remove()
 
 
-def test_decoder_contexts_are_per_image_and_bounded(two_block_sam):
-    from ovss_label.backend.proposers import sam_decoder
-
+def test_decoder_contexts_live_in_the_feature_cache_beside_the_embedding(two_block_sam):
+    """One prompt's decoder context is kept in the cache it is given (one memory budget):
+    hits and misses give the same masks, and a small budget evicts contexts like features."""
     encoder = SamEncoder(two_block_sam)
-    images = [_image(seed=s) for s in range(sam_decoder.CONTEXTS_PER_MODEL + 2)]
+    images = [_image(seed=s) for s in range(4)]
     features = [encoder.encode(image) for image in images]
     points, labels = np.array([[[20.5, 10.5]]]), np.ones((1, 1), np.int64)
-    first = [decode(two_block_sam, f, points=points, labels=labels)[0] for f in features]
-    contexts = sam_decoder._contexts[two_block_sam.model]
-    assert len(contexts) == sam_decoder.CONTEXTS_PER_MODEL  # the oldest were dropped
-    for f, mask in zip(reversed(features), reversed(first), strict=True):  # hits and misses
-        np.testing.assert_array_equal(
-            decode(two_block_sam, f, points=points, labels=labels)[0], mask
-        )
+    plain = [decode(two_block_sam, f, points=points, labels=labels)[0] for f in features]
+    cache = FeatureCache()
+    for f, mask in zip(features * 2, plain * 2, strict=True):  # misses, then hits
+        cached = decode(two_block_sam, f, points=points, labels=labels, cache=cache)[0]
+        np.testing.assert_array_equal(cached, mask)
+    assert (cache.misses, cache.hits) == (4, 4) and len(cache) == 4
+    one_entry = cache.nbytes // 4
+    small = FeatureCache(max_bytes=one_entry * 2)
+    for f in features:
+        decode(two_block_sam, f, points=points, labels=labels, cache=small)
+    assert len(small) == 2 and small.nbytes <= one_entry * 2  # the budget holds
     unkeyed = type(features[0])(features[0].image_hw, features[0].tensors, features[0].meta, "")
     np.testing.assert_array_equal(
-        decode(two_block_sam, unkeyed, points=points, labels=labels)[0], first[0]
+        decode(two_block_sam, unkeyed, points=points, labels=labels, cache=cache)[0], plain[0]
     )

@@ -213,7 +213,8 @@ class ClipSamProposer(Proposer):
             ]
         )
         labels = np.ones(points.shape[:2], np.int64)
-        masks, iou = decode(self.sam, features.meta["sam"], points=points, labels=labels)
+        sam_features = features.meta["sam"]
+        masks, iou = decode(self.sam, sam_features, points=points, labels=labels, cache=self.cache)
         return [
             Instance(m, vocab.names[k], float(np.clip(q, 0, 1)))
             for m, q, k in zip(masks, iou, classes, strict=True)

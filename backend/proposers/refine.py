@@ -174,6 +174,7 @@ class SamRefined(Proposer):
             labels=np.ones(prompts.points.shape[:2], np.int64) if use_point else None,
             boxes=prompts.boxes if use_box else None,
             multimask=self.config.multimask,
+            cache=self.cache,
         )
         found = []
         for mask, quality, k in zip(masks, iou, prompts.classes, strict=True):

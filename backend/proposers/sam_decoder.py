@@ -11,26 +11,20 @@ per image, and :func:`decode_one` runs the rest op for op as ``TwoWayTransformer
 bit-identical (tests/test_sam.py compares them with ``MaskDecoder``).
 
 Only one prompt without a mask input takes this path (interactive clicks); batches of prompts
-(refinement, CLIP+SAM) go through ``MaskDecoder`` itself. Contexts are kept per model in a small
-LRU (:data:`CONTEXTS_PER_MODEL` images, about 14 MB each for ViT-B), keyed by the image's content
-hash (``Features.key``); like the feature cache, they assume a model's weights never change.
+(refinement, CLIP+SAM) go through ``MaskDecoder`` itself. A context (about 14 MB for ViT-B) is
+kept in the caller's feature cache (``sam_prompts.decode``), next to the embedding it was made
+from, under the same memory budget.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 from torch import Tensor
-
-CONTEXTS_PER_MODEL = 4
-"""Images whose decoder context each model keeps (a user clicks on one image at a time)."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +48,10 @@ class ImageContext:
     t2i_v: Tensor
     i2t_q: Tensor
 
-
-_contexts: weakref.WeakKeyDictionary[Sam, OrderedDict[str, ImageContext]] = (
-    weakref.WeakKeyDictionary()
-)
-_lock = threading.Lock()
+    def as_tensors(self) -> dict[str, Tensor]:
+        """The fields by name (what a ``Features`` entry of the feature cache holds)."""
+        return {"src": self.src, "key_pe": self.key_pe, "t2i_k": self.t2i_k,
+                "t2i_v": self.t2i_v, "i2t_q": self.i2t_q}  # fmt: skip
 
 
 @torch.no_grad()
@@ -74,24 +67,6 @@ def image_context(model: Sam, embedding: Tensor) -> ImageContext:
     t2i_k, t2i_v = t2i.k_proj(keys + key_pe), t2i.v_proj(keys)
     i2t_q = i2t.q_proj(keys + key_pe)
     return ImageContext(src, key_pe.contiguous(), t2i_k, t2i_v, i2t_q)
-
-
-def cached_context(model: Sam, embedding: Tensor, key: str) -> ImageContext:
-    """:func:`image_context`, from the model's LRU when ``key`` (image content hash) is set."""
-    if not key:
-        return image_context(model, embedding)
-    with _lock:
-        contexts = _contexts.setdefault(model, OrderedDict())
-        context = contexts.get(key)
-        if context is not None:
-            contexts.move_to_end(key)
-            return context
-    context = image_context(model, embedding)  # outside the lock: other models are not blocked
-    with _lock:
-        contexts[key] = context
-        while len(contexts) > CONTEXTS_PER_MODEL:
-            contexts.popitem(last=False)
-    return context
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ with one change of order: with ``multimask`` the best of the 3 candidates (highe
 IoU) is chosen on the 256x256 low-resolution logits and only that one is upsampled to the
 original size. Upsampling every candidate dominates the decoder's cost; the chosen mask is
 identical. Two more shortcuts give the same bits: one prompt (an interactive click) runs the
-decoder with its image-only work cached per image (``sam_decoder.py``), and upsampling starts
+decoder with its image-only work cached per image (``sam_decoder.py``; in the ``cache`` given,
+beside the embedding), and upsampling starts
 from the low-resolution rows and columns that cover the image, not its padding
 (:func:`upscale_masks`).
 
@@ -19,7 +20,7 @@ pixel (r, c) is (c + 0.5, r + 0.5)); ``ResizeLongestSide`` maps them to the enco
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,7 +30,10 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from ..models.sam import LoadedSam
 from .base import Features
-from .sam_decoder import cached_context, decode_one
+from .sam_decoder import ImageContext, decode_one, image_context
+
+if TYPE_CHECKING:
+    from .cache import FeatureCache
 
 
 class SamEncoder:
@@ -63,6 +67,7 @@ def decode(
     labels: NDArray[Any] | None = None,
     boxes: NDArray[Any] | None = None,
     multimask: bool = True,
+    cache: FeatureCache | None = None,
 ) -> tuple[NDArray[Any], NDArray[Any]]:
     """Masks for B prompts in one decoder pass.
 
@@ -74,6 +79,8 @@ def decode(
         boxes: (B, 4) float xyxy original pixels, or None.
         multimask: Let SAM propose 3 masks per prompt and keep the highest predicted IoU (SAM's
             advice for ambiguous prompts such as one point); False asks for one mask.
+        cache: Where one prompt's decoder context for this image is kept (interactive clicks
+            on one image reuse it); None computes it each time.
 
     Returns:
         ``(masks, iou)``: (B, H, W) bool in the original frame and (B,) float32 predicted IoU.
@@ -94,7 +101,7 @@ def decode(
     sparse, dense = model.prompt_encoder(points=point_pair, boxes=box_torch, masks=None)
     embedding = features.tensors["embedding"]
     if len(sparse) == 1:  # one prompt: the image-only half of the decoder is cached
-        context = cached_context(model, embedding, features.key)
+        context = _context(sam, features, cache)
         low_res, iou = decode_one(model, context, sparse, multimask)
     else:
         low_res, iou = model.mask_decoder(
@@ -109,6 +116,20 @@ def decode(
     chosen, chosen_iou = low_res[rows, best][:, None], iou[rows, best]
     masks = upscale_masks(chosen, input_size, original, sam.image_size) > model.mask_threshold
     return masks[:, 0].cpu().numpy(), chosen_iou.float().cpu().numpy()
+
+
+def _context(sam: LoadedSam, features: Features, cache: FeatureCache | None) -> ImageContext:
+    """The decoder's image-only tensors for ``features``, from ``cache`` when it has them."""
+    embedding = features.tensors["embedding"]
+    if cache is None or not features.key:
+        return image_context(sam.model, embedding)
+    key = (features.key, f"sam-{sam.name}-{sam.fingerprint}|decoder-context")
+    hit = cache.get(key)
+    if hit is not None:
+        return ImageContext(**hit.tensors)
+    context = image_context(sam.model, embedding)
+    cache.put(key, Features(features.image_hw, context.as_tensors()))
+    return context
 
 
 def upscale_masks(

@@ -138,6 +138,7 @@ def interactive_prediction(
         labels=prompt.point_labels[None] if prompt.point_labels is not None else None,
         boxes=prompt.box[None] if prompt.box is not None else None,
         multimask=prompt.box is None,  # SAM's advice: one mask for a box, best of 3 for clicks
+        cache=cache,  # the next click on this image skips the decoder's image-only work
     )
     score = float(np.clip(iou[0], 0, 1))
     label = prompt.label if prompt.label in labels else fallback_label  # never an unknown label
