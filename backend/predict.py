@@ -16,7 +16,6 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from ovss_label.converters import CocoWriter, Instance, ResultTargets, write_ove
 from ovss_label.images import load_rgb
 from ovss_label.ontologies import Vocabulary, class_colors
 
+from .jobs import JobReport, NoProgress, Progress
 from .models.identity import is_tiny_version
 from .proposers import FeatureCache, PostprocessConfig, Proposer, proposal_to_instances, propose
 
@@ -84,16 +84,6 @@ Output = ResultTargets
 """The result targets by their former name (``converters.ls_project.ResultTargets``)."""
 
 
-@dataclass
-class PredictReport:
-    """What a run did: images predicted, instances written, files skipped with reasons (the
-    reason does not repeat the file's path: a report names it once)."""
-
-    predicted: int = 0
-    instances: int = 0
-    failed: list[tuple[Path, str]] = field(default_factory=list)
-
-
 def relative_name(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` in POSIX form, as Label Studio's local-files URL takes it.
 
@@ -128,14 +118,18 @@ def predict_files(
     cache: FeatureCache | None = None,
     coco: CocoWriter | None = None,
     overlay_dir: Path | None = None,
-    advance: Callable[[Path], None] | None = None,
-) -> tuple[list[dict[str, Any]], PredictReport]:
-    """Predicts every image; returns Label Studio tasks (one per readable image) and a report."""
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], JobReport]:
+    """The ``predict`` job over files (``jobs.py``): Label Studio tasks, one per readable
+    image, and the report (``done`` images, ``failed`` files by path with their reasons,
+    ``counts["instances"]``). Not resumable: the caller writes the outputs at the end."""
     post = postprocess or PostprocessConfig()
     version = proposer.model_version
     colors = dict(zip(vocabulary.names, class_colors(len(vocabulary)), strict=True))
     banner = TINY_BANNER if uses_tiny_models(version) else ""
-    tasks, report = [], PredictReport()
+    tasks, report = [], JobReport("predict", version)
+    progress = progress or NoProgress()
+    progress.total(len(paths))
     names = overlay_names(paths)
     for path in paths:
         try:
@@ -144,13 +138,13 @@ def predict_files(
         except (ValueError, RuntimeError, OSError, MemoryError) as exc:
             # Reported by the caller from `report`; a log line too would say it twice.
             log.debug("skipped %s: %s", path, exc)
-            report.failed.append((path, _reason(exc, path)))
+            report.failed.append((str(path), _reason(exc, path)))
         else:
             height, width = image.shape[:2]  # the oriented frame: EXIF applied by load_rgb
             size = (width, height)
             tasks.append(_task(url_for(path), output, instances, version, size, post.min_area))
-            report.predicted += 1
-            report.instances += len(instances)
+            report.done += 1
+            report.count("instances", len(instances))
             if coco is not None:
                 image_id = coco.add_image(name_for(path), width, height)
                 for inst in instances:
@@ -158,8 +152,7 @@ def predict_files(
             if overlay_dir is not None:
                 target = overlay_dir / names[path]
                 write_overlay(target, image, instances, colors, title=version, banner=banner)
-        if advance:
-            advance(path)
+        progress.advance(path.name)
     return tasks, report
 
 
@@ -208,7 +201,6 @@ def overlay_names(paths: Sequence[Path]) -> dict[Path, str]:
 __all__ = [
     "TINY_BANNER",
     "Output",
-    "PredictReport",
     "collect_images",
     "local_files_url",
     "overlay_names",

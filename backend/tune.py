@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from .jobs import JobReport, NoProgress, Progress
 from .models.blip import encode_caption, itm_gradcam_layers
 from .proposers import pnp
 from .store import tuned_path, tuned_state_path
@@ -218,10 +219,13 @@ def run_search(
     max_images: int = 50,
     tiny: bool = False,
     image_size: int = 336,
-    advance: Callable[[], None] | None = None,
+    progress: Progress | None = None,
     models: SearchModels | None = None,
-) -> dict[str, Any]:
-    """The whole search (module docstring); returns the output path and ranked candidates.
+) -> JobReport:
+    """The ``tune`` job (module docstring; ``jobs.py``). Its state is the search state file
+    beside the result (``store.tuned_state_path``): candidates scored by an earlier run are
+    ``skipped``, the others ``done``. The report's ``outputs["tuned"]`` is the configuration
+    written and ``result`` the candidates, best first, as ``(reward, Candidate)``.
 
     ``models`` (:func:`load_models`) are loaded here when not given, with ``layers`` and
     ``tiny``; a caller that loads them first reports a bad range before showing progress.
@@ -240,18 +244,25 @@ def run_search(
     out, state_path = tuned_path(name), tuned_state_path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = load_state(state_path)
-    for candidate in random_order(search_space(layers, heads), iterations, seed):
-        if key(candidate) not in state:
+    report, progress = JobReport(f"tune {name}"), progress or NoProgress()
+    candidates = random_order(search_space(layers, heads), iterations, seed)
+    progress.total(len(candidates))
+    for candidate in candidates:
+        if key(candidate) in state:
+            report.skipped += 1
+        else:
             state[key(candidate)] = evaluate(
                 candidate, cams, samples, clip.model.encode_image, texts
             )
             save_state(state_path, state)
-        if advance:
-            advance()
+            report.done += 1
+        progress.advance(key(candidate))
     ranked = sorted(
         ((r, Candidate(**json.loads(k))) for k, r in state.items()), key=lambda x: -x[0]
     )
     best_reward, best = ranked[0]
     record = {"name": name, **asdict(best), "reward": best_reward, "images": len(samples)}
     save_state(out, record)
-    return {"path": out, "best": ranked}
+    report.outputs["tuned"], report.result = out, ranked
+    report.counts["images"] = len(samples)
+    return report

@@ -1,4 +1,4 @@
-"""NACLIP pieces, each against formulas written independently here (algorithms.md §1, §5)."""
+"""NACLIP pieces, each against formulas written independently here (docs/algorithms.md §1, §5)."""
 
 from __future__ import annotations
 

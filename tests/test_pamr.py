@@ -14,7 +14,7 @@ def _clamp(v: int, n: int) -> int:
 
 
 def _pamr_by_loops(image: torch.Tensor, mask: torch.Tensor, dilations, steps) -> torch.Tensor:
-    """Slow PAMR: every pixel, every neighbour, from the formula in algorithms.md §1.7."""
+    """Slow PAMR: every pixel, every neighbour, from the formula in docs/algorithms.md §1.7."""
     _, h, w = image.shape
     offsets = [(dy, dx) for dy, dx in itertools.product((-1, 0, 1), repeat=2) if (dy, dx) != (0, 0)]
     aff = torch.zeros(len(dilations) * 8, h, w, dtype=torch.float64)

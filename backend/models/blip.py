@@ -1,6 +1,6 @@
 """BLIP image-text matching (ITM) large, through ``transformers``, and its cross-attention GradCAM.
 
-PnP-OVSS (algorithms.md §2.1, §2.4, §4.2) needs what ``BlipForImageTextRetrieval.forward``
+PnP-OVSS (docs/algorithms.md §2.1, §2.4, §4.2) needs what ``BlipForImageTextRetrieval.forward``
 does not return: the text encoder's cross-attention probabilities of one layer and the gradient
 of the ITM *match* logit with respect to them. :func:`itm_gradcam` calls the components
 directly (vision model with position-embedding interpolation, text encoder with

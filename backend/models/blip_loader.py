@@ -6,7 +6,7 @@ tokenizer files); the Hugging Face hub id, downloaded into the hub's own cache u
 ``OVSS_OFFLINE`` / ``HF_HUB_OFFLINE`` is set. Only safetensors are accepted
 (``use_safetensors=True``): no pickle is ever loaded.
 
-LAVIS conventions the PnP-OVSS reference relies on (algorithms.md §4.2):
+LAVIS conventions the PnP-OVSS reference relies on (docs/algorithms.md §4.2):
 - the vision LayerNorm epsilon is 1e-6 in LAVIS; HF's default is 1e-5. The checkpoint config's
   value is logged, and with ``lavis_ln_eps`` every vision LayerNorm is set to 1e-6;
 - ``[ENC]`` (id 30523) replaces the first caption token; a tokenizer that lacks it gets it

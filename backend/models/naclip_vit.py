@@ -67,7 +67,7 @@ def interpolate_pos_embed(pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.
         (1 + grid_h*grid_w, C). Interpolation happens only when the token count differs (the
         reference's test); then bicubic with ``scale_factor=((g+0.1)/g0)`` and
         ``recompute_scale_factor=False`` (DINO's +0.1 trick). A ``size=`` call differs by up
-        to 0.016 (algorithms.md check E3).
+        to 0.016 (docs/algorithms.md §5, check E3).
     """
     n0 = pos.shape[0] - 1
     if grid_h * grid_w == n0:

@@ -1,6 +1,6 @@
 """``clip_sam``: FMbSeg stage 1 — CLIP finds the classes and where they are, SAM draws them.
 
-Seifi et al., BMVC 2024 (arXiv 2403.09307) §3.1; no code was published (algorithms.md §3.1).
+Seifi et al., BMVC 2024 (arXiv 2403.09307) §3.1; no code was published (docs/algorithms.md §3.1).
 What the paper states is followed; every value it leaves open is a :class:`ClipSamConfig`
 field whose default is explained there.
 

@@ -1,7 +1,7 @@
 """FMbSeg stage 1 as pure functions: class presence, point prompts, labelling SAM masks.
 
 Seifi et al., "Annotation-Free Semantic Segmentation with Vision Foundation Models" (BMVC 2024,
-arXiv 2403.09307), §3.1 (algorithms.md §3.2-3.3). No code was published; each function says
+arXiv 2403.09307), §3.1 (docs/algorithms.md §3.2-3.3). No code was published; each function says
 what the paper states and what is reconstructed. All are numpy/torch on small arrays, so the
 decisions can be checked on hand-made inputs.
 """

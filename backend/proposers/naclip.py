@@ -2,7 +2,7 @@
 
 Follows sinahmr/NACLIP @0cac3a6 ``naclip.py`` (``forward_feature``, ``forward_slide``,
 ``predict``, ``postprocess_result``) with the defaults of ``configs/base_config.py`` and the
-``cfg_*.py`` pipeline (algorithms.md §1):
+``cfg_*.py`` pipeline (docs/algorithms.md §1):
 
 encode (image only):
   resize (short side 336, long side <= 2048, bilinear) -> normalise with the reference's

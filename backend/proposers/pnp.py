@@ -1,6 +1,6 @@
 """PnP-OVSS pieces as pure functions: word pieces -> classes, Salience DropOut, maps -> masks.
 
-Follows letitiabanana/PnP-OVSS @e439962 (the "updated" code, algorithms.md §2.0 version 3),
+Follows letitiabanana/PnP-OVSS @e439962 (the "updated" code, docs/algorithms.md §2.0 version 3),
 ``PnP_OVSS_0514_updated_segmentation.py`` (``Mean_over_filtered_label_tokens``,
 ``Inference_BLIP_filteredcaption``, ``save_img_union_attention``, ``postprocess``/``blurring``),
 with the CVPR paper's choices as options where the two differ. Frames: P x P patch grids

@@ -1,7 +1,7 @@
 """``pnp_ovss``: BLIP cross-attention sharpened by ITM GradCAM, Salience DropOut, blur, dense CRF.
 
 Luo et al., CVPR 2024; follows letitiabanana/PnP-OVSS @e439962 (the updated code,
-algorithms.md §2.0) with the pure pieces in ``pnp.py`` and the model in ``models/blip.py``:
+docs/algorithms.md §2.0) with the pure pieces in ``pnp.py`` and the model in ``models/blip.py``:
 
 encode (image only): square resize to ``image_size`` (bicubic, aspect not kept, as
   ``Dataset.py``), CLIP mean/std normalisation; the original RGB kept for the CRF.

@@ -1,6 +1,6 @@
 """Label Studio's ML-backend protocol over HTTP (FastAPI).
 
-Routes (label_studio.md §1.1): ``GET /`` and ``GET /health``, ``POST /setup``, ``POST /predict``,
+Routes (docs/label_studio.md §1.1): ``GET /``, ``GET /health``, ``POST /setup``, ``POST /predict``,
 ``POST /webhook``, ``GET /versions``. Why FastAPI + uvicorn: maintained, async routes that
 answer ``/health`` and ``/webhook`` at once while predictions run in the engine's bounded
 executors, and a test client; the upstream Flask 1.1 stack (``label-studio-ml`` 1.0.9 on PyPI)

@@ -12,25 +12,13 @@ prediction, so the next run tries it again; one that failed for good gets an emp
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from ..jobs import JobReport, NoProgress, Progress
 from .engine import Engine
 from .projects import parse_project
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BatchReport:
-    """Counts of one run."""
-
-    predicted: int = 0
-    skipped: int = 0
-    empty: int = 0
-    retry: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 def _task_dict(task: Any) -> dict[str, Any]:
@@ -45,10 +33,13 @@ def predict_project(
     client: Any,
     project_id: int,
     *,
-    on_total: Callable[[int], None] | None = None,
-    advance: Callable[[], None] | None = None,
-) -> BatchReport:
-    """Predicts every task of ``project_id`` that lacks this backend's prediction."""
+    progress: Progress | None = None,
+) -> JobReport:
+    """The ``predict --project`` job (``jobs.py``): predicts every task of ``project_id``
+    that lacks this model's prediction; its state is Label Studio's own predictions. The
+    report counts ``done``, ``skipped`` (already predicted), ``retry`` (failed for now) and
+    ``counts["empty"]`` (failed for good: an empty prediction was posted)."""
+    progress = progress or NoProgress()
     project = client.projects.get(id=project_id)
     parsed = parse_project(str(project.label_config or ""), engine.settings.method)
     version = engine.model_version(parsed.method)
@@ -58,9 +49,8 @@ def predict_project(
         if getattr(p, "model_version", None) == version
     }
     tasks = [_task_dict(t) for t in client.tasks.list(project=project_id, fields="all")]
-    if on_total:
-        on_total(len(tasks))
-    report = BatchReport()
+    progress.total(len(tasks))
+    report = JobReport(f"predict --project {project_id}", version)
     for task in tasks:
         if task.get("id") in done:
             report.skipped += 1
@@ -69,14 +59,13 @@ def predict_project(
             if prediction is None:  # failed for now (engine.py): the next run tries again
                 report.retry += 1
             else:
-                report.empty += not prediction["result"]
+                report.count("empty", not prediction["result"])
                 client.predictions.create(
                     task=task["id"],
                     result=prediction["result"],
                     score=prediction["score"],
                     model_version=prediction["model_version"],
                 )
-                report.predicted += 1
-        if advance:
-            advance()
+                report.done += 1
+        progress.advance(f"task {task.get('id')}")
     return report

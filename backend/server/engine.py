@@ -1,6 +1,6 @@
 """The server's process-wide state: models, caches, executors, the event store.
 
-Label Studio's protocol facts this honours (label_studio.md §1.3-1.5; Label Studio 1.23.2
+Label Studio's protocol facts this honours (docs/label_studio.md §1.3-1.5; Label Studio 1.23.2
 ``ml/models.py`` ``_get_predictions_from_ml_backend`` and ``predict_tasks``):
 
 - one entry per task, in task order, never an empty list (Label Studio drops a batch whose

@@ -1,7 +1,7 @@
 """Interactive prompts: smart KeyPointLabels (positive and negative) and RectangleLabels -> SAM;
 a TextArea prompt -> an ad-hoc open-vocabulary query with the project's method.
 
-Label Studio posts the user's regions as ``context.result`` (label_studio.md §2.4): keypoints
+Label Studio posts the user's regions as ``context.result`` (docs/label_studio.md §2.4): keypoints
 ``value.x, value.y`` and rectangles ``value.x, y, width, height`` in percent of
 ``original_width/height``; a keypoint's ``is_positive`` says foreground (default) or
 background; the chosen label is ``value.keypointlabels[0]`` / ``value.rectanglelabels[0]`` (or

@@ -1,6 +1,6 @@
 """Task media: from a Label Studio task URL to (H, W, 3) uint8 RGB, safely.
 
-URL kinds (label_studio.md §1.7, the SDK's ``get_local_path`` rules):
+URL kinds (docs/label_studio.md §1.7, the SDK's ``get_local_path`` rules):
 
 - ``/data/upload/...``: Label Studio uploads, downloaded from ``LABEL_STUDIO_URL``.
 - ``/data/local-files/?d=REL``: read from ``local_root / REL`` when a root is configured (the

@@ -9,11 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from ovss_label.commands.jobs import job_progress, print_report
 from ovss_label.commands.options import label_studio_options, tiny_option
 from ovss_label.converters import CocoWriter, ProjectConfig, ResultTargets
 from ovss_label.converters.ls_project import KINDS, NO_TARGETS
@@ -21,7 +18,7 @@ from ovss_label.methods import METHODS, SAM_MODELS
 from ovss_label.ontologies import Vocabulary, label_config, load
 
 if TYPE_CHECKING:  # the backend imports torch: loaded only when a command needs it
-    from ovss_label.backend.predict import PredictReport
+    from ovss_label.backend.jobs import JobReport
     from ovss_label.backend.proposers import PostprocessConfig, Proposer
 
 FORMATS = KINDS
@@ -222,7 +219,7 @@ def predict(
     if writer:
         write_json(coco, writer.to_dict())
     unsearched = 0 if recursive else len(unsearched_folders(paths))
-    _summary(report, output, proposer.model_version, unsearched)
+    _summary(report, output, unsearched)
     if report.failed and fail_on_skip:
         raise SystemExit(1)
 
@@ -235,14 +232,13 @@ def _run(
     writer: CocoWriter | None,
     overlays: Path | None,
     roots: tuple[Path, str],
-) -> tuple[list[dict[str, Any]], PredictReport]:
+) -> tuple[list[dict[str, Any]], JobReport]:
     """``predict_files`` under a progress bar; returns its tasks and report."""
     from ovss_label.backend.predict import local_files_url, predict_files, relative_name
 
     document_root, url_prefix = roots
-    with _progress() as bar:
-        job = bar.add_task("predicting", total=len(images))
-        result = predict_files(
+    with job_progress("predicting") as progress:
+        return predict_files(
             proposer,
             run.vocabulary,
             images,
@@ -253,11 +249,8 @@ def _run(
             cache=None,
             coco=writer,
             overlay_dir=overlays,
-            advance=lambda p: bar.update(job, advance=1, description=p.name),
+            progress=progress,
         )
-        # The last file may have been skipped: the summary reports it, the bar says done.
-        bar.update(job, description="done")
-    return result
 
 
 def _check_document_root(images: Sequence[Path], root: Path) -> None:
@@ -310,29 +303,11 @@ def _proposer(
         raise click.ClickException(str(exc)) from exc
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
-
-
-def _summary(report: PredictReport, output: Path, version: str, unsearched: int) -> None:
-    """The table, then one line per skipped file (the only place a skip is reported)."""
-    console = Console(stderr=True, highlight=False)
-    table = Table(title=f"predict -> {output}")
-    table.add_column("images predicted", justify="right")
-    table.add_column("instances", justify="right")
-    table.add_column("skipped", justify="right")
-    table.add_row(str(report.predicted), str(report.instances), str(len(report.failed)))
-    console.print(table)
-    # soft_wrap: a version or a path is never broken across lines (copy-paste works).
-    console.print(f"model_version {escape(version)}", soft_wrap=True)
+def _summary(report: JobReport, output: Path, unsearched: int) -> None:
+    """The job's report, titled with the output file, and the folders not searched."""
+    report.job = f"predict -> {output}"
+    notes: tuple[str, ...] = ()
     if unsearched:
         folders = "sub-folder was" if unsearched == 1 else "sub-folders were"
-        console.print(f"{unsearched} {folders} not searched (--recursive searches them)")
-    for path, reason in report.failed:
-        console.print(f"[yellow]skipped[/] {escape(str(path))}: {escape(reason)}", soft_wrap=True)
+        notes = (f"{unsearched} {folders} not searched (--recursive searches them)",)
+    print_report(report, done="images predicted", failure="skipped", notes=notes)

@@ -7,9 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ovss_label.commands.jobs import job_progress, print_report
 from ovss_label.lsapi import LabelStudioError, make_client
 
 
@@ -31,24 +30,17 @@ def run_project(
         settings = ServerSettings(method=method, tiny=tiny, device=device,
                                   data_dir=Path(scratch), workers=1, media=media)  # fmt: skip
         engine = Engine(settings)
-        console = Console(stderr=True)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as bar:  # fmt: skip
-            job = bar.add_task(f"project {project}", total=None)
+        with job_progress(f"project {project}") as progress:
             try:
-                report = predict_project(
-                    engine, client, project,
-                    on_total=lambda n: bar.update(job, total=n),
-                    advance=lambda: bar.update(job, advance=1),
-                )  # fmt: skip
+                report = predict_project(engine, client, project, progress=progress)
             except ValueError as exc:
                 raise click.ClickException(f"project {project}: {exc}") from exc
             except Exception as exc:  # SDK and HTTP errors: one line, not a traceback
                 raise click.ClickException(
                     f"project {project}: {type(exc).__name__}: {exc}"
                 ) from exc
-    retry = f"{report.retry} failed for now (run again to retry them), " if report.retry else ""
-    console.print(
-        f"project {project}: {report.predicted} predicted ({report.empty} empty), {retry}"
-        f"{report.skipped} already had model version {engine.model_version(method)}"
-    )
+    empty = report.counts.get("empty", 0)
+    print_report(report, done="predicted", notes=(
+        f"project {project}: {report.done} predicted ({empty} empty), {report.skipped} already "
+        f"had model version {report.model_version}",
+    ))  # fmt: skip

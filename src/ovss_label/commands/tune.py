@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
+from ovss_label.commands.jobs import job_progress, print_report
 from ovss_label.commands.options import label_studio_options, tiny_option
 from ovss_label.converters.ls_tasks import labels_by_image
 
@@ -92,16 +92,16 @@ def tune(images, labels, ls_export, project, url, api_key, name, iterations, lay
         raise click.ClickException(f"--layers {_shown(layers)}: {exc}") from exc
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    with Progress(console=Console(stderr=True)) as bar:
-        job = bar.add_task("tuning", total=iterations)
+    with job_progress("tuning") as progress:
         try:
-            result = run_search(
+            report = run_search(
                 images, mapping, name, iterations=iterations, seed=seed, max_images=max_images,
-                models=models, advance=lambda: bar.update(job, advance=1),
+                models=models, progress=progress,
             )  # fmt: skip
         except ValueError as exc:  # e.g. none of the labelled images is in the folder
             raise click.ClickException(str(exc)) from exc
-    _table(result)
+    print_report(report, done="candidates scored")
+    _table(report.outputs["tuned"], report.result)
 
 
 def _shown(layers: list[int]) -> str:
@@ -109,11 +109,11 @@ def _shown(layers: list[int]) -> str:
     return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
-def _table(result: dict[str, Any]) -> None:
-    table = Table(title=f"best configurations -> {result['path']}")
+def _table(path: Path, ranked: list[tuple[float, Any]]) -> None:
+    table = Table(title=f"best configurations -> {path}")
     for column in ("reward", "layer", "head", "threshold", "blur σ"):
         table.add_column(column, justify="right")
-    for reward, c in result["best"][:5]:
+    for reward, c in ranked[:5]:
         table.add_row(
             f"{reward:g}", str(c.layer), str(c.head), f"{c.threshold:g}", f"{c.blur_sigma:g}"
         )
