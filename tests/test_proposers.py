@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import disc
+from PIL import Image
 from shapely.geometry import Polygon
 
 from ovss_label.backend.models.identity import ModelIdentity
@@ -209,3 +210,31 @@ def test_min_area_is_a_fraction_of_the_image_counted_in_pixels():
     scores[0, 50, 10:66] = 0.9  # 56 px
     kept = proposal_to_instances(Proposal(("a",), scores), PostprocessConfig(min_area=0.0057))
     assert [i.area for i in kept] == [57]
+
+
+def test_a_decoded_image_is_hashed_once_across_every_cache_of_a_composite(tmp_path, monkeypatch):
+    """A cold naclip+sam prediction reads the image's hash in several caches (the composite's
+    features, NACLIP's, SAM's, the refined maps): the pixels are hashed once."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from ovss_label.backend.proposers import cache as cache_module
+    from ovss_label.images import load_rgb
+
+    Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    image = load_rgb(tmp_path / "a.png")
+    cache = FeatureCache()
+    proposer = create_proposer("naclip+sam", tiny=True, background="none", feature_cache=cache)
+    hashed = []
+
+    def counting(data=b""):
+        hashed.append(1)
+        return hashlib.sha256(data)
+
+    monkeypatch.setattr(cache_module, "hashlib", SimpleNamespace(sha256=counting))
+    propose(proposer, image, Vocabulary.from_labels("cat, dog"), cache)
+    assert len(hashed) == 1 and len(cache) >= 3  # one hash, several cache entries
+    writable = np.array(image)  # a copy its owner may change: hashed every time it is asked
+    cache_module.image_key(writable)
+    cache_module.image_key(writable)
+    assert len(hashed) == 3
