@@ -199,6 +199,7 @@ def test_batch_job_writes_back_once_and_resumes(stack):
     from click.testing import CliRunner
     from label_studio_sdk.client import LabelStudio
 
+    from ovss_label.backend.proposers import method_plan
     from ovss_label.cli import cli
 
     ls_url, _, _ = stack
@@ -215,7 +216,8 @@ def test_batch_job_writes_back_once_and_resumes(stack):
     assert again.exit_code == 0 and "0 predicted" in again.output and "2 already" in again.output
     predictions = http.get("/api/predictions/", params={"project": project.id}).json()
     assert len(predictions) == 2 and len({p["task"] for p in predictions}) == 2
-    assert all(p["model_version"].startswith("ovss-label-") for p in predictions)
+    expected = method_plan("naclip", tiny=True).identity.version  # stored as sent (UTF-8)
+    assert {p["model_version"] for p in predictions} == {expected}
 
 
 class _FlakyImages:
