@@ -130,6 +130,8 @@ def predict_files(
     tasks, report = [], JobReport("predict", version)
     progress = progress or NoProgress()
     progress.total(len(paths))
+    if coco is not None:  # the COCO file names its model, as the tasks and overlays do
+        coco.info.update(description="predicted by ovss-label", model_version=version)
     names = overlay_names(paths)
     for path in paths:
         try:

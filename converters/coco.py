@@ -83,6 +83,9 @@ class CocoWriter:
         segmentation: ``polygon``, ``rle`` or ``auto`` (see the module docstring).
         tolerance_px: polygon simplification tolerance (``mask_to_polygons``).
         min_polygon_iou: in ``auto``, masks whose polygons fall below this IoU are written as RLE.
+
+    ``info`` is the file's ``info`` record; a writer of predictions adds its ``model_version``
+    there, so a COCO file says which model made it.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class CocoWriter:
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
         self.holes_filled = 0  # masks with holes written as polygons (segmentation="polygon")
+        self.info: dict[str, Any] = {"description": "exported by ovss-label"}
 
     def category_id(self, label: str) -> int:
         if label not in self._category_ids:
@@ -158,7 +162,7 @@ class CocoWriter:
             for name, cid in sorted(self._category_ids.items(), key=lambda kv: kv[1])
         ]
         return {
-            "info": {"description": "exported by ovss-label"},
+            "info": dict(self.info),
             "licenses": [],
             "images": self.images,
             "categories": categories,

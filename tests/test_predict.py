@@ -84,6 +84,7 @@ def test_predict_writes_valid_tasks_coco_and_overlays(photos, tmp_path, method):
     assert sizes["rotated.jpg"] == (48, 80)  # EXIF orientation applied
     coco = COCO(str(tmp_path / "coco.json"))
     assert len(coco.getImgIds()) == 4 and len(coco.getAnnIds()) > 0
+    assert coco.dataset["info"]["model_version"] == prediction["model_version"]  # one identity
     assert sorted(i["file_name"] for i in coco.loadImgs(coco.getImgIds()))[0] == "astronaut.png"
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["cat", "person", "cup"]
     pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
