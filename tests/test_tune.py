@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from helpers import LS_EXPORT
 from PIL import Image
 
-from ovss_label.backend import tune
+from ovss_label.backend import store, tune
 from ovss_label.cli import cli
 
 
@@ -82,9 +82,9 @@ def test_tune_runs_resumes_and_is_loaded_by_name(tuning_photos, monkeypatch):
             "--layers", "7-7", "--name", "mine"]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    record = json.loads(tune.tuned_path("mine").read_text())
+    record = json.loads(store.tuned_path("mine").read_text())
     assert record["layer"] == 7 and record["images"] == 2 and 0 <= record["head"] < 12
-    state = json.loads(tune.tuned_path("mine").with_suffix(".state.json").read_text())
+    state = json.loads(store.tuned_path("mine").with_suffix(".state.json").read_text())
     assert len(state) == 4
 
     def no_more(*args, **kwargs):
@@ -100,7 +100,7 @@ def test_tune_runs_resumes_and_is_loaded_by_name(tuning_photos, monkeypatch):
     assert proposer.config.threshold == record["threshold"]
     with pytest.raises(ValueError, match="run ovss-label tune"):
         create_proposer("pnp_ovss", tiny=True, tuned="missing")
-    shutil.rmtree(tune.tuned_path("mine").parent)
+    shutil.rmtree(store.tuned_path("mine").parent)
 
 
 def _error_lines(result) -> list[str]:
@@ -117,7 +117,7 @@ def test_tiny_tune_with_default_layers_is_one_line_naming_the_allowed_range(tuni
         "Error: --layers 0-11: layers 8-11 not in blip_tiny: its cross-attention has layers 0-7 "
         "and heads 0-11"
     ]
-    assert not tune.tuned_path("tuned").with_suffix(".state.json").exists()  # nothing searched
+    assert not store.tuned_path("tuned").with_suffix(".state.json").exists()  # nothing searched
 
 
 @pytest.mark.parametrize("layers", ["7-5", "six", "-3"])

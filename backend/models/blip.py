@@ -48,7 +48,7 @@ def tiny_blip_config(vocab_size: int, pad: int = 0, sep: int = 3, bos: int | Non
 
 
 TINY_PNP_SETTINGS: dict[str, int | float] = {"layer": 5, "threshold": 0.0}
-"""``PnpConfig`` fields PnP-OVSS runs the tiny twin with (``pnp_ovss.create_pnp_ovss``; tuned
+"""``PnpConfig`` fields PnP-OVSS runs the tiny twin with (``pnp_ovss.plan_pnp_ovss``; tuned
 and explicit options override them), so that ``--tiny`` draws some masks on a photo and every
 step runs. The real model's defaults are untouched. Why the reference's do nothing here:
 
