@@ -111,6 +111,15 @@ def test_the_version_changes_with_file_sam_variant_tuning_and_settings(tiny_file
     assert method_plan("naclip", tiny=True).identity.manifest()["package"] == "9.9.9"
 
 
+def test_the_servers_sam_model_reaches_every_sam_method_and_clicks(tmp_path):
+    engine = _engine(tmp_path, sam_model="sam_vit_l")
+    for method in ("naclip+sam", "clip_sam", "pnp_ovss+sam"):
+        assert "·samL·" in engine.model_version(method)
+    assert engine.proposer("naclip+sam").identity.weights[-1].name == "sam_vit_l"
+    assert engine.sam() is engine.proposer("naclip+sam").sam  # type: ignore[attr-defined]
+    assert dict(engine.pool.builds)["sam_vit_l"] == 1
+
+
 def test_a_server_plan_loads_nothing_and_names_the_file_it_will_load(tiny_files, monkeypatch):
     """A file under the official name: ``/setup`` fingerprints it without loading, and the
     loaded proposer reports the same identity."""

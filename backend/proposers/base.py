@@ -31,7 +31,9 @@ import torch
 from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
-from ovss_label.ontologies import Vocabulary
+from ovss_label.ontologies import BACKGROUND, Vocabulary
+
+__all__ = ["BACKGROUND"]  # re-exported: proposers name the background class through base
 
 from ..models.identity import ModelIdentity
 from ..models.pool import ModelPool
@@ -39,8 +41,8 @@ from ..models.pool import ModelPool
 if TYPE_CHECKING:
     from .cache import FeatureCache
 
-BACKGROUND = "background"
-"""A class with this name (any case) scores like the others but never becomes an instance."""
+# A class named BACKGROUND (any case: ontologies.is_background) scores like the others but
+# never becomes an instance.
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 from segment_anything import SamAutomaticMaskGenerator
 
 from ovss_label.converters import Instance
-from ovss_label.ontologies import Vocabulary
+from ovss_label.ontologies import Vocabulary, is_background
 
 from ..models.clip import LoadedClip, tiny_requested
 from ..models.clip_text import TextEncoder
@@ -42,7 +42,7 @@ from ..models.naclip_vit import clip_cls_and_naclip_tokens
 from ..models.pool import ModelPool, WeightRef
 from ..models.sam import LoadedSam
 from . import fmbseg
-from .base import BACKGROUND, Features, MethodPlan, Proposal, Proposer, register_method
+from .base import Features, MethodPlan, Proposal, Proposer, register_method
 from .cache import FeatureCache, image_key
 from .frames import sliding_windows
 from .sam_prompts import SamEncoder, decode
@@ -187,7 +187,7 @@ class ClipSamProposer(Proposer):
         patches = features.tensors["patches"]
         patch_sim = _class_max(patches.flatten(0, 1) @ text.T, idx, len(vocabulary))
         patch_sim = patch_sim.T.reshape(len(vocabulary), *patches.shape[:2])
-        wanted = present & np.array([n.lower() != BACKGROUND for n in vocabulary.names])
+        wanted = present & np.array([not is_background(n) for n in vocabulary.names])
         instances = self._stage_one(features, patch_sim, wanted, vocabulary)
         instances += self._stage_two(features, text, idx, wanted, vocabulary)
         probs = torch.softmax(self.config.logit_scale * patch_sim, dim=0)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from ovss_label.ontologies import Vocabulary, load
+from ovss_label.ontologies import Vocabulary, is_background, load
 
 from ..models.clip import LoadedClip, tiny_requested
 from ..models.clip_text import TextEncoder
@@ -256,7 +256,7 @@ class NaclipProposer(Proposer):
         return 0.1 if bg >= 0 else 0.0
 
     def _with_background(self, vocabulary: Vocabulary) -> tuple[Vocabulary, bool]:
-        has_bg = any(n.lower() == BACKGROUND for n in vocabulary.names)
+        has_bg = any(is_background(n) for n in vocabulary.names)
         if self.config.background == "none" or has_bg:
             return vocabulary, False
         taken = {s.lower() for syns in vocabulary.synonyms for s in syns}
@@ -278,8 +278,7 @@ class NaclipProposer(Proposer):
 
 
 def _background_index(vocab: Vocabulary) -> int:
-    lowered = [n.lower() for n in vocab.names]
-    return lowered.index(BACKGROUND) if BACKGROUND in lowered else -1
+    return next((k for k, n in enumerate(vocab.names) if is_background(n)), -1)
 
 
 def _nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

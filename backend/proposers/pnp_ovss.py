@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from PIL import Image
 
-from ovss_label.ontologies import Vocabulary
+from ovss_label.ontologies import Vocabulary, is_background
 
 from ..models.blip import (
     TINY_PNP_SETTINGS,
@@ -53,7 +53,6 @@ from ..models.weights import OPENAI_MEAN, OPENAI_STD
 from ..store import Tuned, load_tuned
 from . import pnp
 from .base import (
-    BACKGROUND,
     Features,
     MethodPlan,
     Proposal,
@@ -158,7 +157,7 @@ class PnpOvssProposer(Proposer):
             self.config, self._decide,
         )  # fmt: skip
         for k, name in enumerate(vocabulary.names):
-            if name.lower() == BACKGROUND:
+            if is_background(name):
                 assignment[assignment == k] = -1
         return Proposal(vocabulary.names, scores, assignment)
 

@@ -35,8 +35,9 @@ from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
 from ovss_label.converters.instance import mask_parts, min_area_pixels
+from ovss_label.ontologies import is_background
 
-from .base import BACKGROUND, Proposal
+from .base import Proposal
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def proposal_to_instances(proposal: Proposal, config: PostprocessConfig) -> list
     labels = assignment_of(proposal, config.threshold)
     found: list[Instance] = []
     for k, name in enumerate(proposal.labels):
-        if name.lower() == BACKGROUND:
+        if is_background(name):
             continue
         mask = labels == k
         if not mask.any():
@@ -104,7 +105,7 @@ def resolve_overlaps(instances: list[Instance], min_pixels: int) -> list[Instanc
     taken = np.zeros_like(ordered[0].mask)
     kept = []
     for inst in ordered:
-        if inst.label.lower() == BACKGROUND:
+        if is_background(inst.label):
             continue
         mask = inst.mask & ~taken
         if np.count_nonzero(mask) >= min_pixels:

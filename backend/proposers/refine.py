@@ -31,14 +31,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
-from ovss_label.ontologies import Vocabulary
+from ovss_label.ontologies import Vocabulary, is_background
 
 from ..models.clip import tiny_requested
 from ..models.identity import ModelIdentity, WeightId, loaded_weight, settings_of
 from ..models.pool import ModelPool, WeightRef
 from ..models.sam import LoadedSam
 from .base import (
-    BACKGROUND,
     Features,
     MethodPlan,
     Proposal,
@@ -92,7 +91,7 @@ def prompts_from_proposal(proposal: Proposal, config: RefineConfig) -> Prompts:
     min_pixels = max(1, int(np.ceil(config.min_area * h * w)))
     found: list[tuple[float, int, list[float], list[float]]] = []
     for k, name in enumerate(proposal.labels):
-        if name.lower() == BACKGROUND or not (labels == k).any():
+        if is_background(name) or not (labels == k).any():
             continue
         count, parts = cv2.connectedComponents((labels == k).astype(np.uint8), connectivity=8)
         for i in range(1, count):
