@@ -187,3 +187,18 @@ def test_one_sam_and_one_clip_b_in_a_server_answering_every_sam_method_and_a_cli
     assert answer["result"] and answer["result"][0]["type"] == "brushlabels"
     assert dict(engine.pool.builds) == {"clip_vit_b16": 1, "sam_vit_b": 1, "clip_vit_l14": 1}
     assert engine.sam() is engine.proposer("naclip+sam").sam  # type: ignore[attr-defined]
+
+
+def test_models_list_shows_the_versions_and_manifests_serve_reports(tmp_path):
+    from click.testing import CliRunner
+
+    from ovss_label.cli import cli
+
+    result = CliRunner().invoke(cli, ["--tiny", "models", "list", "--manifest",
+                                      "--sam-model", "sam_vit_h"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifests = json.loads(result.stdout)
+    engine = _engine(tmp_path, sam_model="sam_vit_h")
+    assert [m["method"] for m in manifests] == list(METHODS)
+    assert [m["model_version"] for m in manifests] == [engine.model_version(m) for m in METHODS]
+    assert all(w["fingerprint"] == "tiny" for m in manifests for w in m["weights"])

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from ovss_label.commands.options import tiny_option
 from ovss_label.methods import METHODS, SAM_MODELS
 
 
@@ -33,7 +34,8 @@ def models() -> None:
     show_default=True,
     help="The SAM of the +sam methods and clip_sam (as serve/predict --sam-model).",
 )
-def list_(manifest: bool, sam_model: str) -> None:
+@tiny_option
+def list_(manifest: bool, sam_model: str, tiny: bool) -> None:
     """The weight table and which file each weight would load: none ("no"), the published
     one, or another file (its predictions carry another model version); then each method's
     model_version on this machine.
@@ -45,7 +47,7 @@ def list_(manifest: bool, sam_model: str) -> None:
     from ovss_label.backend.models import WEIGHTS, weights_dir
 
     if manifest:
-        click.echo(json.dumps([i.manifest() for i in _identities(sam_model)], indent=1))
+        click.echo(json.dumps([i.manifest() for i in _identities(sam_model, tiny)], indent=1))
         return
 
     header = ("name", "file", "MB", "licence", "present", "source")
@@ -67,17 +69,18 @@ def list_(manifest: bool, sam_model: str) -> None:
                     box=box.SIMPLE_HEAD)  # fmt: skip
     methods.add_column("method", no_wrap=True)
     methods.add_column("model_version", no_wrap=True)
-    for identity in _identities(sam_model):
+    for identity in _identities(sam_model, tiny):
         methods.add_row(identity.method, identity.version)
     console.print(methods)
 
 
-def _identities(sam_model: str) -> list[Any]:
-    """Every method's identity with default settings and ``sam_model`` (nothing loads)."""
+def _identities(sam_model: str, tiny: bool) -> list[Any]:
+    """Every method's identity as ``serve`` runs it, with ``sam_model`` (nothing loads)."""
     from ovss_label.backend.proposers import method_plan
 
     return [
-        method_plan(m, **({"sam_model": sam_model} if "sam" in m else {})).identity for m in METHODS
+        method_plan(m, tiny=tiny, **({"sam_model": sam_model} if "sam" in m else {})).identity
+        for m in METHODS
     ]
 
 
