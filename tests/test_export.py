@@ -45,12 +45,25 @@ def decode(ann: dict, image: dict) -> np.ndarray:
     return coco_mask.decode(rle).astype(bool)
 
 
-def source_regions() -> dict[tuple[int, str], dict]:
-    """(task id, label) -> the chosen record's result of that label (one per label here)."""
+PICKED = {101: ("annotations", 2), 102: ("annotations", 4), 103: ("annotations", 5),
+          105: ("annotations", 7), 107: ("annotations", 8)}  # fmt: skip
+"""Task id -> the record its export must use, read off the fixture by hand (the rule is in
+``ls_tasks``' docstring): 101 has annotation 1, 2 (updated a day later) and 3 (newest but
+cancelled); 103's only annotation is empty, which wins over its prediction; 104 has only a
+cancelled annotation; 106 has nothing."""
+PICKED_WITH_PREDICTIONS = {**PICKED, 104: ("predictions", 10)}
+"""With ``--include-predictions``: 104 falls back to its prediction; 103 keeps its annotation."""
+
+
+def source_regions(picked: dict[int, tuple[str, int]] = PICKED) -> dict[tuple[int, str], dict]:
+    """(task id, label) -> the expected record's result of that label (one per label here)."""
     regions = {}
     for task in load_export():
-        record, _ = pick_record(task)
-        for result in (record or {}).get("result", []):
+        if task["id"] not in picked:
+            continue
+        kind, record_id = picked[task["id"]]
+        (record,) = [r for r in task[kind] if r["id"] == record_id]
+        for result in record["result"]:
             if result["type"] in ("brushlabels", "polygonlabels") and "original_width" in result:
                 regions[(task["id"], result["value"][result["type"]][0])] = result
     return regions
@@ -144,6 +157,64 @@ def test_bad_records_are_reported_and_skipped(tmp_path: Path) -> None:
     assert [a["image_id"] for a in coco["annotations"]].count(broken["id"]) == 1
     failing = run("export", "--coco", str(LS_EXPORT), "-o", str(out), "--fail-on-skip")
     assert failing.exit_code == 1
+
+
+EXPORTED_LABELS = {
+    (101, "cat"), (101, "dog"), (101, "car"),  # annotation 2's three regions
+    (102, "person"), (102, "tree"), (102, "car"),  # the car is a rectangle
+    (105, "car"),  # its other two regions are broken (reported, skipped)
+    (107, "cat"),
+}  # fmt: skip
+"""(task id, label) of every exported annotation, by hand: task 103's empty annotation exports
+nothing, and no label comes from annotation 1 or the cancelled annotation 3 (a dog)."""
+
+
+@pytest.mark.parametrize("predictions", [False, True])
+def test_each_task_exports_the_record_picked_by_hand(tmp_path: Path, predictions: bool) -> None:
+    """The exported labels and masks are those of ``PICKED``'s records, from no other one."""
+    picked, labels = PICKED, EXPORTED_LABELS
+    if predictions:
+        picked, labels = PICKED_WITH_PREDICTIONS, EXPORTED_LABELS | {(104, "dog")}
+    options = ("--include-predictions",) if predictions else ()
+    coco = export(tmp_path, "--segmentation", "rle", *options)
+    images = {im["id"]: im for im in coco["images"]}
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    exported: dict[tuple[int, str], list[np.ndarray]] = {}
+    for ann in coco["annotations"]:
+        image = images[ann["image_id"]]
+        key = (image["ls_task_id"], names[ann["category_id"]])
+        exported.setdefault(key, []).append(decode(ann, image))
+    assert exported.keys() == labels and all(len(m) == 1 for m in exported.values())
+    sources = source_regions(picked)
+    for key in labels - {(102, "car")}:  # the rectangle: checked in the test of auto mode
+        np.testing.assert_array_equal(exported[key][0], source_mask(sources[key]), err_msg=str(key))
+
+
+def test_pick_record_follows_the_documented_order() -> None:
+    """Latest ``updated_at``, then ``created_at``, then ``id``; cancelled never; an empty
+    annotation over any prediction; predictions only when asked, the latest one."""
+
+    def ann(i: int, updated: str | None, created: str | None = None, **extra: Any) -> dict:
+        return {"id": i, "updated_at": updated, "created_at": created, "result": [], **extra}
+
+    day = "2026-03-0{}T10:00:00Z".format
+    cases = [
+        ([ann(1, day(2), day(1)), ann(2, day(1), day(3))], [], False, ("annotation", 1)),
+        ([ann(1, day(2), day(3)), ann(2, day(2), day(1))], [], False, ("annotation", 1)),
+        ([ann(7, day(2), day(1)), ann(3, day(2), day(1))], [], False, ("annotation", 7)),
+        ([ann(1, day(1)), ann(2, day(9), was_cancelled=True)], [], False, ("annotation", 1)),
+        ([ann(1, None), ann(2, "not a date"), ann(3, day(1))], [], False, ("annotation", 3)),
+        ([ann(1, day(1))], [ann(9, None, day(5))], True, ("annotation", 1)),
+        ([ann(1, day(9), was_cancelled=True)], [ann(9, None, day(5))], False, None),
+        ([ann(1, day(9), was_cancelled=True)], [ann(8, None, day(6)), ann(9, None, day(5))],
+         True, ("prediction", 8)),
+        ([], [], True, None),
+    ]  # fmt: skip
+    for anns, preds, include, expected in cases:
+        record, kind = pick_record({"annotations": anns, "predictions": preds}, include)
+        got = (kind, record["id"]) if record is not None else None
+        assert got == expected, (anns, preds, include)
+        assert record is not None or kind == ""
 
 
 def test_include_predictions_labels_tasks_without_annotations(tmp_path: Path) -> None:
