@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ovss_label.backend.proposers import create_proposer
+from ovss_label.backend.proposers import Features, Proposal, create_proposer
 from ovss_label.ontologies import Vocabulary
 
 
@@ -90,3 +90,39 @@ def test_naclip_factory_runs_the_references_windows_and_gaussian(tiny_checkpoint
     assert {s for s, _ in stds} == {5.0} and {size for _, size in stds} == {(224, 224)}
     proposal = proposer.score(features, Vocabulary.from_labels("cat, dog"))
     assert proposal.scores.shape == (2, 240, 357)
+
+
+def test_naclip_arch_option_reaches_the_vision_tower(tiny_checkpoints):
+    """``arch="vanilla"`` keeps the last block's residual and FFN: other features than the
+    reference's ``reduced`` (the option was once ignored)."""
+    image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    common = {"tiny": True, "checkpoint": tiny_checkpoints["openai"], "short_side": 48,
+              "slide_crop": 32, "slide_stride": 16}  # fmt: skip
+    reduced = create_proposer("naclip", **common).encode(image)
+    vanilla = create_proposer("naclip", arch="vanilla", **common).encode(image)
+    assert not torch.allclose(reduced.tensors["feats_0"], vanilla.tensors["feats_0"])
+
+
+def test_sam_prompts_and_automatic_masks_use_postprocessings_min_area(monkeypatch):
+    """One minimum area everywhere: at ``min_area=0.0057`` on 100 x 100 px, float noise makes
+    ``ceil(0.0057 * 100 * 100)`` 58 px while ``min_area_pixels`` (postprocessing) says 57, so a
+    57-px part must get a SAM prompt and a 57-px automatic mask must be kept."""
+    from ovss_label.backend.proposers import clip_sam
+    from ovss_label.backend.proposers.refine import RefineConfig, prompts_from_proposal
+    from ovss_label.converters.instance import min_area_pixels
+
+    assert min_area_pixels(0.0057, 100, 100) == 57
+    scores = np.zeros((1, 100, 100), np.float32)
+    scores[0, 10:13, 10:29] = 0.9  # 57 px
+    proposal = Proposal(("cat",), scores)
+    assert len(prompts_from_proposal(proposal, RefineConfig(min_area=0.0057))) == 1
+    mask = np.zeros((100, 100), bool)
+    mask[10:13, 10:29] = True
+    record = {"segmentation": mask, "area": 57, "predicted_iou": 0.9}
+    monkeypatch.setattr(clip_sam, "automatic_masks", lambda *a: [record])
+    stage = clip_sam.ClipSamProposer.__new__(clip_sam.ClipSamProposer)
+    stage.config, stage.sam = clip_sam.ClipSamConfig(min_area=0.0057), None
+    features = Features((100, 100), {"patches": torch.ones(4, 4, 8) / 8**0.5}, {"sam": None})
+    found = stage._stage_two(features, torch.ones(1, 8) / 8**0.5, torch.tensor([0]),
+                             np.array([True]), Vocabulary.from_labels("cat"))  # fmt: skip
+    assert [int(i.mask.sum()) for i in found] == [57]

@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 from segment_anything import SamAutomaticMaskGenerator
 
 from ovss_label.converters import Instance
+from ovss_label.converters.instance import min_area_pixels
 from ovss_label.ontologies import Vocabulary, is_background
 
 from ..models.clip import LoadedClip, tiny_requested
@@ -233,7 +234,8 @@ class ClipSamProposer(Proposer):
             return []
         records = automatic_masks(self.sam, features.meta["sam"], self.config)
         h, w = features.image_hw
-        records = [r for r in records if r["area"] >= self.config.min_area * h * w]
+        smallest = min_area_pixels(self.config.min_area, h, w)  # postprocessing's rule
+        records = [r for r in records if r["area"] >= smallest]
         if not records:
             return []
         rng = np.random.default_rng(self.config.seed)

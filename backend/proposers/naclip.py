@@ -152,7 +152,8 @@ class NaclipProposer(Proposer):
             for start in range(0, len(idx), self.config.window_batch):
                 chunk = idx[start : start + self.config.window_batch]
                 batch = torch.stack([crops[i] for i in chunk])
-                tokens = naclip_tokens(self.clip.model.visual, batch, self.config.gaussian_std)
+                c = self.config
+                tokens = naclip_tokens(self.clip.model.visual, batch, c.gaussian_std, c.arch)
                 feats = F.normalize(tokens[:, 1:], dim=-1).reshape(len(chunk), gh, gw, -1)
                 for i, f in zip(chunk, feats, strict=True):
                     out[i] = f  # stays on the model's device: scoring runs there too

@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ovss_label.converters import Instance
+from ovss_label.converters.instance import min_area_pixels
 from ovss_label.ontologies import Vocabulary, is_background
 
 from ..models.clip import tiny_requested
@@ -88,7 +89,7 @@ def prompts_from_proposal(proposal: Proposal, config: RefineConfig) -> Prompts:
     """Step 1 of the module docstring."""
     labels = assignment_of(proposal, config.threshold)
     h, w = labels.shape
-    min_pixels = max(1, int(np.ceil(config.min_area * h * w)))
+    min_pixels = min_area_pixels(config.min_area, h, w)  # the rule postprocessing applies
     found: list[tuple[float, int, list[float], list[float]]] = []
     for k, name in enumerate(proposal.labels):
         if is_background(name) or not (labels == k).any():
