@@ -52,25 +52,32 @@ FAST_TESTS = {
         "tests/test_import.py",
         "tests/test_labelstudio.py",
         "tests/test_polygons.py",
+        "tests/test_predict_cli.py",  # overlays
+        "tests/test_project_config.py",  # ls_project
         "tests/test_proposers.py",  # min_area_pixels, instances -> polygon regions
         "tests/test_yolo_labelme.py",
     ],
     "backend/server": [
+        "tests/test_identity.py",
         "tests/test_logs.py",
         "tests/test_media.py",
+        "tests/test_project_config.py",
         "tests/test_server.py",
         "tests/test_server_hardening.py",
+        "tests/test_text_prompt.py",
     ],
     "backend/proposers": [
         "tests/test_clip_sam.py",
         "tests/test_guarantees_converters.py",
         "tests/test_guarantees_methods.py",
+        "tests/test_identity.py",
         "tests/test_naclip.py",
         "tests/test_pamr.py",
         "tests/test_pnp.py",
         "tests/test_proposers.py",
         "tests/test_reference_defaults.py",
         "tests/test_sam.py",
+        "tests/test_text_prompt.py",
     ],
 }
 """Per package, the test files that exercise it without weights, GPU or Label Studio."""

@@ -202,3 +202,21 @@ def test_models_list_shows_the_versions_and_manifests_serve_reports(tmp_path):
     assert [m["method"] for m in manifests] == list(METHODS)
     assert [m["model_version"] for m in manifests] == [engine.model_version(m) for m in METHODS]
     assert all(w["fingerprint"] == "tiny" for m in manifests for w in m["weights"])
+
+
+def test_a_method_that_cannot_be_planned_still_answers_setup_and_versions(
+    photo, tmp_path, monkeypatch
+):
+    """``OVSS_PNP_TUNED`` naming nothing: ``/setup`` answers (no 500), tasks fail for now."""
+    monkeypatch.setenv("OVSS_PNP_TUNED", "never-tuned")
+    engine = _engine(tmp_path, photo.parent, method="pnp_ovss")
+    client = TestClient(create_app(engine))
+    setup = client.post("/setup", json={"schema": _config("pnp_ovss")})
+    assert setup.status_code == 200 and setup.json()["model_version"] == "pnp_ovss·unavailable"
+    body = {"tasks": [{"id": 1, "data": {"image": "/data/local-files/?d=a.png"}}],
+            "label_config": _config("pnp_ovss")}  # fmt: skip
+    assert client.post("/predict", json=body).json()["results"] == [[]]  # asked again later
+    versions = client.get("/versions").json()
+    assert versions["versions"][0] == "pnp_ovss·unavailable"
+    assert "never-tuned" in versions["models"][0]["error"]
+    assert versions["models"][1]["model_version"] == engine.model_version("naclip")

@@ -117,10 +117,7 @@ def create_app(engine: Engine) -> FastAPI:
     async def versions() -> dict[str, Any]:
         """Every method's ``model_version`` (the default method first) and full manifest."""
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(
-            engine.control, lambda: [engine.identity(m) for m in _methods(engine)]
-        )
-        return {"versions": [i.version for i in found], "models": [i.manifest() for i in found]}
+        return await loop.run_in_executor(engine.control, _versions, engine)
 
     return app
 
@@ -133,6 +130,21 @@ def _store_event(engine: Engine, raw: bytes) -> tuple[int, dict[str, Any]]:
         return 200, {"status": "Unknown event"}
     event_id = engine.events.record(raw.decode(json.detect_encoding(raw), "replace"), body)
     return 201, {"status": "ok", "result": {"event": event_id}}
+
+
+def _versions(engine: Engine) -> dict[str, Any]:
+    """``versions`` and ``models`` (manifests) of every method, the default first; a method
+    that cannot be planned has its reason instead of a manifest."""
+    versions, models = [], []
+    for method in _methods(engine):
+        try:
+            manifest = engine.identity(method).manifest()
+        except (OSError, ValueError) as exc:
+            manifest = {"method": method, "model_version": engine.model_version(method),
+                        "error": str(exc)}  # fmt: skip
+        versions.append(manifest["model_version"])
+        models.append(manifest)
+    return {"versions": versions, "models": models}
 
 
 def _methods(engine: Engine) -> list[str]:

@@ -42,7 +42,7 @@ from typing import Any
 from ovss_label.logs import redact_text
 from ovss_label.ontologies import Vocabulary
 
-from ..models.identity import ModelIdentity
+from ..models.identity import SEPARATOR, ModelIdentity
 from ..models.pool import ModelPool, WeightRef
 from ..models.sam import LoadedSam
 from ..proposers import (
@@ -118,8 +118,15 @@ class Engine:
         return versions
 
     def model_version(self, method: str) -> str:
-        """What ``/setup`` reports and every prediction of ``method`` carries."""
-        return self.identity(method).version
+        """What ``/setup`` reports and every prediction of ``method`` carries;
+        ``<method>·unavailable`` when the method cannot even be planned (e.g. ``OVSS_PNP_TUNED``
+        names no tuned configuration): its tasks then fail for now, with the reason logged,
+        and ``/setup`` still answers."""
+        try:
+            return self.identity(method).version
+        except (OSError, ValueError) as exc:
+            log.warning("%s: no model version: %s", method, _safe(exc))
+            return f"{method}{SEPARATOR}unavailable"
 
     def proposer(self, method: str) -> Proposer:
         """The method's proposer, built once per process from the pool (thread-safe).

@@ -1,0 +1,216 @@
+"""COCO guarantees that the converters' mutation run (issue 18) found untested: the reader's
+records and error messages, ``import --coco``'s report and URLs, and the library entry point
+``export_tasks_to_coco`` (which no other test calls; the CLI uses ``CocoTaskWriter``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import disc
+
+from ovss_label.converters import (
+    CocoError,
+    CocoImage,
+    Instance,
+    annotation_to_instance,
+    coco_to_tasks,
+    export_tasks_to_coco,
+    instances_to_results,
+    read_coco,
+)
+
+# Reader -------------------------------------------------------------------------------------
+
+
+def coco(*annotations: dict, **image_fields) -> dict:
+    """A COCO dict with one 6x4 image (id 1) and one category (id 1, "cat")."""
+    image = {"id": 1, "file_name": "a.jpg", "width": 6, "height": 4} | image_fields
+    return {
+        "images": [image],
+        "categories": [{"id": 1, "name": "cat"}],
+        "annotations": list(annotations),
+    }
+
+
+def test_reader_keeps_image_ids_and_their_other_fields() -> None:
+    data = coco(id=42, license=3, ls_image_url="s3://bucket/a.jpg")
+    data["annotations"] = [{"id": 1, "image_id": 42, "category_id": 1, "bbox": [0, 0, 2, 2]}]
+    _, (image,) = read_coco(data)
+    assert (image.id, image.file_name, image.width, image.height) == (42, "a.jpg", 6, 4)
+    assert image.extra == {"license": 3, "ls_image_url": "s3://bucket/a.jpg"}
+    assert [inst.area for inst in image.instances] == [4]
+
+
+def test_reader_reads_image_info_files_without_annotations(tmp_path: Path) -> None:
+    # COCO's image_info_*.json (test splits) have images and categories, no "annotations".
+    data = coco()
+    del data["annotations"]
+    path = tmp_path / "image_info.json"
+    path.write_text(json.dumps(data))
+    categories, (image,) = read_coco(path)
+    assert categories == ["cat"] and image.instances == []
+
+
+@pytest.mark.parametrize("missing", ["image_id", "category_id"])
+def test_annotation_without_its_image_or_category_is_an_error(missing: str) -> None:
+    annotation = {"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]}
+    del annotation[missing]  # image 1 and category 1 exist: nothing may be guessed
+    with pytest.raises(CocoError, match="annotation 5 references a missing image or category"):
+        read_coco(coco(annotation))
+
+
+def test_reader_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    path = tmp_path / "list.json"
+    path.write_text("[]")
+    with pytest.raises(CocoError, match="a COCO file is a JSON object, got list"):
+        read_coco(path)
+    no_size = {"id": 6, "image_id": 1, "category_id": 1, "segmentation": {"counts": "abc"}}
+    with pytest.raises(CocoError, match=r"RLE size None != image \[4, 6\]"):
+        read_coco(coco(no_size))
+    other_size = no_size | {"segmentation": {"size": [3, 3], "counts": "abc"}}
+    with pytest.raises(CocoError, match=r"RLE size \[3, 3\] != image \[4, 6\]"):
+        read_coco(coco(other_size))
+    nothing = {"id": 7, "image_id": 1, "category_id": 1}  # neither segmentation nor bbox
+    with pytest.raises(CocoError, match="annotation 7: 'bbox'"):
+        read_coco(coco(nothing))
+
+
+def test_detection_boxes_keep_their_score_into_label_studio() -> None:
+    # COCO detection results: a bbox and a score, no segmentation.
+    box = annotation_to_instance({"id": 1, "bbox": [1, 1, 3, 2], "score": 0.7}, 4, 6, "cat")
+    assert (box.kind, box.area, box.score) == ("box", 6, 0.7)
+    tasks, _ = coco_to_tasks([CocoImage(1, "a.jpg", 6, 4, [box])])
+    (result,) = tasks[0]["predictions"][0]["result"]
+    assert (result["type"], result["score"]) == ("rectanglelabels", 0.7)
+
+
+# import --coco ------------------------------------------------------------------------------
+
+H, W = 24, 32
+HOLED = np.zeros((H, W), bool)
+HOLED[4:16, 4:16] = True
+HOLED[8:12, 8:12] = False
+BAR = np.zeros((H, W), bool)
+BAR[18:22, 2:30] = True
+
+
+@pytest.mark.parametrize(("fmt", "dropped"), [("polygon", 2), ("auto", 0), ("brush", 0)])
+def test_import_report_counts_images_regions_and_dropped_holes(fmt: str, dropped: int) -> None:
+    images = [
+        CocoImage(1, "a.jpg", W, H, [Instance(HOLED, "cat"), Instance(np.roll(HOLED, 14), "cat")]),
+        CocoImage(2, "b.jpg", W, H, [Instance(BAR, "dog")]),
+    ]
+    tasks, report = coco_to_tasks(images, fmt=fmt)  # type: ignore[arg-type]
+    assert len(tasks) == report.images == 2
+    assert report.per_category == {"cat": 2, "dog": 1}
+    assert report.holes_dropped == dropped  # Label Studio polygons cannot hold the holes
+
+
+def test_image_root_is_joined_with_exactly_one_separator() -> None:
+    images = [CocoImage(1, "x/a.jpg", W, H, [])]
+    for root, url in (
+        ("https://bucket/images/", "https://bucket/images/x/a.jpg"),
+        ("https://bucket/images", "https://bucket/images/x/a.jpg"),
+        ("/data/local-files/?d=", "/data/local-files/?d=x/a.jpg"),
+    ):
+        tasks, _ = coco_to_tasks(images, image_root=root)
+        assert tasks[0]["data"]["image"] == url
+
+
+def test_unknown_import_format_is_named() -> None:
+    with pytest.raises(ValueError, match="fmt must be auto, brush or polygon, got 'mask'"):
+        coco_to_tasks([], fmt="mask")  # type: ignore[arg-type]
+
+
+# export_tasks_to_coco -----------------------------------------------------------------------
+
+N = 96
+DOG = disc(N, N, 48, 48, 44)  # traced outline depends on the tolerance (20 vertices at 1 px)
+CAT = np.zeros((N, N), bool)
+CAT[10:40, 10:40] = True
+CAT[20:30, 20:30] = False  # a hole: auto mode writes it as RLE
+
+
+def ls_task(task_id: int, *instances: Instance, kind: Any = "brush", where: str = "annotations"):
+    """A task whose annotation (or prediction) has the instances' results, as LS exports it."""
+    record = {"id": 10 * task_id, "result": instances_to_results(instances, kind)}
+    return {"id": task_id, "data": {"image": f"/data/upload/1/{task_id}.png"}, where: [record]}
+
+
+TASKS = [
+    ls_task(1, Instance(CAT, "cat"), Instance(DOG, "dog")),
+    ls_task(2, Instance(DOG, "dog"), where="predictions"),  # unlabelled: a prediction only
+]
+
+
+def test_export_tasks_to_coco_defaults_are_the_export_commands() -> None:
+    data, report = export_tasks_to_coco(TASKS)
+    explicit, _ = export_tasks_to_coco(
+        TASKS,
+        categories=None,
+        segmentation="auto",
+        include_predictions=False,
+        tolerance_px=1.0,
+        prefer="brush",
+    )
+    assert data == explicit
+    assert [im["file_name"] for im in data["images"]] == ["upload/1/1.png"]
+    assert (report.images, report.unlabelled) == (1, 1)
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "cat"), (2, "dog")]
+    cat, dog = data["annotations"]
+    assert isinstance(cat["segmentation"], dict)  # holes kept
+    assert isinstance(dog["segmentation"], list) and len(dog["segmentation"][0]) == 2 * 20
+
+
+def test_export_tasks_to_coco_category_order_and_extra_labels() -> None:
+    data, report = export_tasks_to_coco(TASKS, categories=["dog", "cat"])
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "dog"), (2, "cat")]
+    assert [a["category_id"] for a in data["annotations"]] == [2, 1]
+    assert report.extra_categories == []
+    data, report = export_tasks_to_coco(TASKS, categories=["dog"])
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "dog"), (2, "cat")]
+    assert report.extra_categories == ["cat"]
+
+
+def test_export_tasks_to_coco_segmentation_and_tolerance() -> None:
+    rle, _ = export_tasks_to_coco(TASKS, segmentation="rle")
+    assert all(isinstance(a["segmentation"], dict) for a in rle["annotations"])
+    polygon, report = export_tasks_to_coco(TASKS, segmentation="polygon")
+    assert all(isinstance(a["segmentation"], list) for a in polygon["annotations"])
+    assert report.holes_filled["COCO"] == 1
+
+    def dog_vertices(tolerance: float) -> int:
+        data, _ = export_tasks_to_coco(TASKS, segmentation="polygon", tolerance_px=tolerance)
+        return len(data["annotations"][1]["segmentation"][0]) // 2
+
+    assert dog_vertices(0.25) > dog_vertices(3.0)
+
+
+def test_export_tasks_to_coco_passes_the_reader_options() -> None:
+    data, report = export_tasks_to_coco(TASKS, include_predictions=True)
+    assert len(data["images"]) == 2 and report.from_predictions == 1
+
+    two_fields = ls_task(3, Instance(DOG, "dog"))
+    two_fields["data"] = {"photo": "/data/upload/1/3.png", "thumb": "/data/upload/1/3-small.png"}
+    data, report = export_tasks_to_coco([two_fields])
+    assert data["images"] == [] and "cannot tell which data field" in report.skipped[0].reason
+    data, _ = export_tasks_to_coco([two_fields], data_key="photo")
+    assert [im["file_name"] for im in data["images"]] == ["upload/1/3.png"]
+
+    empty = {"id": 4, "data": {"image": "/data/upload/1/4.png"}, "annotations": [{"result": []}]}
+    data, report = export_tasks_to_coco([empty])  # "nothing here", but of unknown size
+    assert data["images"] == [] and "image size unknown" in report.skipped[0].reason
+    data, _ = export_tasks_to_coco([empty], image_size=lambda task, url: (64, 48))
+    assert [(im["width"], im["height"]) for im in data["images"]] == [(64, 48)]
+
+    both = [ls_task(5, Instance(CAT, "cat"), kind="both")]  # predict --format both
+    brush, _ = export_tasks_to_coco(both)
+    polygons, _ = export_tasks_to_coco(both, prefer="polygon")
+    assert isinstance(brush["annotations"][0]["segmentation"], dict)  # the brush, holes kept
+    assert isinstance(polygons["annotations"][0]["segmentation"], list)  # its polygon
+    assert len(brush["annotations"]) == len(polygons["annotations"]) == 1
