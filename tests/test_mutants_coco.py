@@ -6,6 +6,7 @@ records and error messages, ``import --coco``'s report and URLs, and the library
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,14 @@ from helpers import disc
 from ovss_label.converters import (
     CocoError,
     CocoImage,
+    CocoWriter,
     Instance,
     annotation_to_instance,
     coco_to_tasks,
     export_tasks_to_coco,
     instances_to_results,
     read_coco,
+    write_json_atomic,
 )
 
 # Reader -------------------------------------------------------------------------------------
@@ -214,3 +217,78 @@ def test_export_tasks_to_coco_passes_the_reader_options() -> None:
     assert isinstance(brush["annotations"][0]["segmentation"], dict)  # the brush, holes kept
     assert isinstance(polygons["annotations"][0]["segmentation"], list)  # its polygon
     assert len(brush["annotations"]) == len(polygons["annotations"]) == 1
+
+
+# CocoWriter (`predict --coco` uses its defaults) ----------------------------------------------
+
+
+def test_coco_file_has_the_standard_records_and_ids_from_one() -> None:
+    writer = CocoWriter(["cat"])
+    first, second = writer.add_image("a.jpg", W, H), writer.add_image("b.jpg", W, H)
+    writer.add_instance(first, Instance(BAR, "cat"))
+    writer.add_instance(second, Instance(BAR, "cat"))
+    data = writer.to_dict()
+    assert list(data) == ["info", "licenses", "images", "categories", "annotations"]
+    assert (data["info"], data["licenses"]) == ({"description": "exported by ovss-label"}, [])
+    assert data["categories"] == [{"id": 1, "name": "cat", "supercategory": ""}]
+    assert [im["id"] for im in data["images"]] == [first, second] == [1, 2]
+    assert [(a["id"], a["image_id"]) for a in data["annotations"]] == [(1, 1), (2, 2)]
+
+
+def test_coco_writer_defaults_are_the_export_commands() -> None:
+    ball = Instance(DOG, "ball")
+    written = []
+    for writer in (
+        CocoWriter(["ball"]),
+        CocoWriter(["ball"], segmentation="auto", tolerance_px=1.0, min_polygon_iou=0.98),
+    ):
+        writer.add_instance(writer.add_image("a.jpg", N, N), ball)
+        written.append(writer.to_dict()["annotations"])
+    assert written[0] == written[1]
+    assert len(written[0][0]["segmentation"][0]) == 2 * 20  # traced at 1 px
+
+
+def test_min_polygon_iou_decides_between_polygons_and_rle() -> None:
+    square = np.zeros((N, N), bool)
+    square[10:40, 20:50] = True
+    exact = CocoWriter(["x"], min_polygon_iou=1.0)
+    image = exact.add_image("a.jpg", N, N)
+    kinds = [
+        type(exact.add_instance(image, Instance(m, "x"))["segmentation"])  # type: ignore[index]
+        for m in (square, DOG)
+    ]
+    assert kinds == [list, dict]  # the square's outline is exact (IoU 1.0); the disc's is not
+
+
+def test_auto_keeps_any_hole_and_polygon_mode_counts_each_filled_one() -> None:
+    pinhole = np.zeros((H, W), bool)
+    pinhole[2:22, 2:22] = True
+    pinhole[10, 10] = False  # 1 pixel of 400: its polygon would still overlap it by 99.7%
+    auto = CocoWriter(["x"])
+    annotation = auto.add_instance(auto.add_image("a.jpg", W, H), Instance(pinhole, "x"))
+    assert annotation is not None and isinstance(annotation["segmentation"], dict)
+    polygon = CocoWriter(["x"], segmentation="polygon")
+    image = polygon.add_image("a.jpg", W, H)
+    for mask in (pinhole, HOLED, BAR):
+        polygon.add_instance(image, Instance(mask, "x"))
+    assert polygon.holes_filled == 2
+
+
+def test_an_rle_whose_counts_are_neither_text_nor_runs_is_named() -> None:
+    annotation = {"id": 3, "image_id": 1, "category_id": 1}
+    annotation["segmentation"] = {"size": [4, 6], "counts": 17}
+    with pytest.raises(CocoError, match="unsupported segmentation of type dict"):
+        read_coco(coco(annotation))
+
+
+def test_json_is_written_to_a_hidden_temp_file_beside_the_target(tmp_path, monkeypatch) -> None:
+    # A rename within one folder is atomic; a half-written file is never the target.
+    renames: list[tuple[str, str]] = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((a, b)), replace(a, b)))
+    target = tmp_path / "out" / "coco.json"
+    write_json_atomic(target, {"ok": 1})
+    ((temp, final),) = renames
+    assert Path(final) == target and Path(temp).parent == target.parent
+    assert Path(temp).name.startswith(".coco.json.")
+    assert json.loads(target.read_text()) == {"ok": 1}
