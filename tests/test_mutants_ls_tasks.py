@@ -64,6 +64,7 @@ def test_the_export_report_counts_every_task_image_region_and_skip(tmp_path: Pat
             "b.png",
             "junk",
             {"type": "choices", "value": {"choices": ["day"]}},
+            {"type": "choices", "value": {"choices": ["sunny"]}},
             {"value": {}},  # no type
             *results(CAT, "cat", "both"),  # `predict --format both`: one object, two results
             *results(HOLED, "dog"),
@@ -81,7 +82,7 @@ def test_the_export_report_counts_every_task_image_region_and_skip(tmp_path: Pat
     assert (report.tasks, report.unlabelled, report.from_predictions) == (8, 2, 1)
     assert (report.images, report.merged) == (4, 1)
     assert report.per_category == {"cat": 3, "dog": 2}
-    assert report.other_results == {"choices": 1, "untyped": 1}
+    assert report.other_results == {"choices": 2, "untyped": 1}
     assert report.holes_filled == {"COCO": 1, "YOLO": 1}
     assert report.extra_categories == ["dog"]
     label_file = tmp_path / "labels" / "upload" / "1" / "b.txt"
