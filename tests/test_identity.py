@@ -220,3 +220,33 @@ def test_a_method_that_cannot_be_planned_still_answers_setup_and_versions(
     assert versions["versions"][0] == "pnp_ovss·unavailable"
     assert "never-tuned" in versions["models"][0]["error"]
     assert versions["models"][1]["model_version"] == engine.model_version("naclip")
+
+
+def test_setup_never_waits_for_a_model_being_built(tmp_path, monkeypatch):
+    """Loading real weights takes minutes; ``/setup`` has 3 s and must not queue behind it."""
+    import threading
+
+    from ovss_label.backend.models import pool as pool_module
+
+    engine = _engine(tmp_path)
+    release, started = threading.Event(), threading.Event()
+    real_build = pool_module._build
+
+    def slow_build(ref, device):
+        started.set()
+        release.wait(10)
+        return real_build(ref, device)
+
+    monkeypatch.setattr(pool_module, "_build", slow_build)
+    worker = threading.Thread(target=engine.proposer, args=("naclip",))
+    worker.start()
+    try:
+        assert started.wait(10)
+        answered = threading.Event()
+        threading.Thread(target=lambda: (engine.model_version("naclip"), answered.set())).start()
+        assert answered.wait(5)  # while the build still waits
+        assert worker.is_alive()
+    finally:
+        release.set()
+        worker.join(10)
+    assert engine.proposer("naclip").model_version == engine.model_version("naclip")

@@ -32,6 +32,7 @@ from ovss_label.converters import (
     polygons_to_mask,
     rectangle_corners,
 )
+from ovss_label.converters.instance import min_area_pixels
 from ovss_label.converters.labelme import instance_shapes
 from ovss_label.converters.yolo import yolo_lines
 
@@ -229,3 +230,9 @@ def test_tolerance_option_simplifies_traced_outlines_in_every_format(tmp_path: P
 
     fine, coarse = vertices(0.25), vertices(3.0)
     assert all(fine[k] > coarse[k] for k in fine), (fine, coarse)
+
+
+def test_min_area_may_be_the_whole_image() -> None:
+    assert min_area_pixels(1.0, 10, 20) == 200  # --min-area 1: only a mask covering everything
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got 1.5"):
+        min_area_pixels(1.5, 10, 20)

@@ -82,6 +82,7 @@ class Engine:
         self.control = ThreadPoolExecutor(2, thread_name_prefix="ovss-control")
         self.webhooks = ThreadPoolExecutor(1, thread_name_prefix="ovss-events")
         self._proposers: dict[str, Proposer] = {}
+        self._building: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     @cached_property
@@ -101,21 +102,14 @@ class Engine:
     def identity(self, method: str) -> ModelIdentity:
         """The identity ``method``'s predictions carry: the built proposer's, else the plan's
         (equal; module docstring)."""
-        with self._lock:
-            built = self._proposers.get(method)
+        built = self._proposers.get(method)  # no lock: never wait behind a model being built
         return built.identity if built is not None else self.plan(method).identity
 
     def warm(self, methods: Iterable[str]) -> dict[str, str]:
         """Every method's ``model_version``, computed now: weight files are hashed here (once
-        per machine and file version, logged), not in a ``/setup`` that has 3 s. A method that
-        cannot be planned is logged and skipped (its requests will say why)."""
-        versions = {}
-        for method in methods:
-            try:
-                versions[method] = self.model_version(method)
-            except (OSError, ValueError) as exc:
-                log.warning("%s: no model version yet: %s", method, _safe(exc))
-        return versions
+        per machine and file version, logged), not in a ``/setup`` that has 3 s; a method that
+        cannot be planned is ``<method>·unavailable`` (:meth:`model_version`)."""
+        return {method: self.model_version(method) for method in methods}
 
     def model_version(self, method: str) -> str:
         """What ``/setup`` reports and every prediction of ``method`` carries;
@@ -135,6 +129,8 @@ class Engine:
             ModelUnavailableError: It cannot be built (missing or unreadable weights, no memory).
         """
         with self._lock:
+            building = self._building.setdefault(method, threading.Lock())
+        with building:  # one build per method; other methods and /setup do not wait
             if method not in self._proposers:
                 with _unavailable(method):
                     self._proposers[method] = self.plan(method).build(self.pool, self.cache)
