@@ -122,7 +122,7 @@ def test_image_sizes_come_from_results_then_meta_then_the_lookup() -> None:
         meta(2, 0, S),
         meta(3, S, 0),
         meta(4, S, str(S)),
-        {"id": 5, "data": {"image": "5.png"}, "annotations": [older, latest], "predictions": [0]},
+        {"id": 5, "data": {"image": "5.png"}, "annotations": [0, older, latest]},  # 0: junk
     ]
     source = TaskSource(tasks)
     sizes = [(im.task, im.width, im.height, im.regions) for im in source.images()]
@@ -200,7 +200,7 @@ def test_labels_by_image_reads_every_image_labelling_control() -> None:
 
 def test_what_is_not_a_label_studio_task_is_named() -> None:
     with pytest.raises(
-        ValueError, match="looks like a JSON-MIN export; export the project as JSON"
+        ValueError, match=r"^this looks like a JSON-MIN export; export the project as JSON instead$"
     ):
         TaskSource([{"id": 1, "image": "/data/upload/1/a.png", "brush": []}])
     for item in ({"id": 1}, "photos/image.jpg"):
