@@ -51,6 +51,12 @@ FAST_TESTS = {
         "tests/test_guarantees_converters.py",
         "tests/test_import.py",
         "tests/test_labelstudio.py",
+        "tests/test_mutants_coco.py",
+        "tests/test_mutants_converters.py",
+        "tests/test_mutants_labelstudio.py",
+        "tests/test_mutants_ls.py",
+        "tests/test_mutants_ls_tasks.py",
+        "tests/test_mutants_overlay.py",
         "tests/test_polygons.py",
         "tests/test_predict_cli.py",  # overlays
         "tests/test_project_config.py",  # ls_project
