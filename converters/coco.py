@@ -243,7 +243,10 @@ def annotation_to_instance(
             return Instance(mask, label, score, polygons=rings, kind="polygon")
         if isinstance(segmentation, dict):
             if list(segmentation.get("size", [])) != [height, width]:
-                raise CocoError(f"RLE size {segmentation.get('size')} != image {[height, width]}")
+                raise CocoError(
+                    f"annotation {annotation.get('id')}: RLE size {segmentation.get('size')} "
+                    f"!= image {[height, width]}"
+                )
             mask = coco_mask.decode(_as_rle(segmentation, height, width)).astype(bool)
             return Instance(mask, label, score)
         x, y, w, h = (float(v) for v in annotation["bbox"])
@@ -286,13 +289,29 @@ def read_coco(source: str | os.PathLike[str] | dict[str, Any]) -> tuple[list[str
         }
     except (KeyError, TypeError, ValueError) as err:
         raise CocoError(f"not a COCO instances file: missing or bad field {err}") from err
-    for ann in data.get("annotations", []):
-        image = images.get(int(ann.get("image_id", -1)))
-        label = categories.get(int(ann.get("category_id", -1)))
+    annotations = data.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise CocoError("not a COCO instances file: annotations is not a list")
+    for position, ann in enumerate(annotations, 1):
+        if not isinstance(ann, dict):
+            raise CocoError(f"annotation #{position} is not an object ({type(ann).__name__})")
+        image = images.get(_id(ann.get("image_id")))
+        label = categories.get(_id(ann.get("category_id")))
         if image is None or label is None:
             raise CocoError(f"annotation {ann.get('id')} references a missing image or category")
         image.instances.append(annotation_to_instance(ann, image.height, image.width, label))
     return [categories[k] for k in sorted(categories)], list(images.values())
+
+
+def _id(value: Any) -> int:
+    """A COCO id as an int (``7`` or ``"7"``); -1 (no record has it) for anything else (null,
+    ``"a"``, lists)."""
+    if isinstance(value, bool):
+        return -1
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
 
 
 def _load(source: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class LabelmeWriter:
         self.segmentation: SegmentationMode = segmentation
         self.tolerance_px = tolerance_px
         self.holes_filled = 0
-        self._written: set[str] = set()
+        self._written: dict[str, str] = {}
 
     def json_path(self, image: TaskImage) -> Path:
         """``<out_dir>/<file_name without extension>.json``."""

@@ -46,6 +46,10 @@ __all__ = [
 REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
 """Result types that carry a region we convert; others (choices, text, ...) are not regions."""
 
+MAX_REGION_PIXELS = 1 << 28
+"""Largest image (width x height) a region is decoded at: 16384 x 16384. A result claiming a
+larger size is refused rather than allocating a mask of gigabytes."""
+
 OutputKind = Literal["brush", "polygon", "both"]
 # Percent keeps 6 decimals (5e-5 px of error on a 10k-pixel side), and pixels read back are
 # snapped to 1e-3 px: our half-pixel vertices survive px -> % -> px exactly. That matters:
@@ -81,6 +85,8 @@ def result_to_instance(result: dict[str, Any]) -> Instance | None:
     try:
         height, width = _size(result)
         value = result.get("value") or {}
+        if not isinstance(value, dict):
+            raise RegionError(f"value is a {type(value).__name__}, not an object")
         label = _label(value, kind)
         score = result.get("score")
         score = float(score) if isinstance(score, (int, float)) else None
@@ -104,6 +110,17 @@ def _size(result: dict[str, Any]) -> tuple[int, int]:
     width, height = result.get("original_width"), result.get("original_height")
     if not width or not height:
         raise RegionError("result has no original_width/original_height (image size unknown)")
+    try:
+        sizes = (float(width), float(height))
+    except (TypeError, ValueError):
+        sizes = (math.nan, math.nan)
+    if not all(1 <= v < math.inf for v in sizes):
+        raise RegionError(f"image size {width!r} x {height!r} is not a size in pixels")
+    if int(width) * int(height) > MAX_REGION_PIXELS:
+        raise RegionError(
+            f"image size {int(width)} x {int(height)} is over {MAX_REGION_PIXELS} pixels: "
+            "not decoded (a mask of that size would not fit in memory)"
+        )
     rotation = result.get("image_rotation") or 0
     if float(rotation) % 360 != 0:
         raise RegionError(
@@ -113,11 +130,25 @@ def _size(result: dict[str, Any]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _label(value: dict[str, Any], kind: str) -> str:
+def region_label(value: Any, kind: str) -> str | None:
+    """A region's label: the first name in ``value[kind]`` (else ``value["labels"]``); a bare
+    string (written by some scripts instead of a one-item list) is the name itself. None when
+    there is none."""
+    if not isinstance(value, dict):
+        return None
     labels = value.get(kind) or value.get("labels")
-    if not labels:
+    if isinstance(labels, str):
+        return labels.strip() or None
+    if isinstance(labels, list) and labels and str(labels[0]).strip():
+        return str(labels[0])
+    return None
+
+
+def _label(value: dict[str, Any], kind: str) -> str:
+    label = region_label(value, kind)
+    if label is None:
         raise RegionError(f"region has no label (value.{kind} is empty)")
-    return str(labels[0])
+    return label
 
 
 def _brush_mask(value: dict[str, Any], height: int, width: int) -> NDArray[Any]:
@@ -131,6 +162,8 @@ def _brush_mask(value: dict[str, Any], height: int, width: int) -> NDArray[Any]:
 
 def _polygon_ring(value: dict[str, Any], height: int, width: int) -> NDArray[Any]:
     points = np.asarray(value.get("points", []), dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(points).all():  # NaN / null would crash pycocotools' rasteriser
+        raise RegionError("polygon has a point that is not a finite number")
     if len(points) < 3:
         raise RegionError(f"polygon has {len(points)} points; at least 3 are needed")
     ring: NDArray[np.float64] = np.round(
@@ -143,6 +176,8 @@ def rectangle_corners(value: dict[str, Any], height: int, width: int) -> NDArray
     """(4, 2) pixel corners of a Label Studio rectangle, rotated about its top-left corner."""
     x, y = float(value["x"]) * width / 100, float(value["y"]) * height / 100
     w, h = float(value["width"]) * width / 100, float(value["height"]) * height / 100
+    if not all(math.isfinite(v) for v in (x, y, w, h, float(value.get("rotation") or 0.0))):
+        raise RegionError("rectangle has a coordinate that is not a finite number")
     if w <= 0 or h <= 0:
         raise RegionError(f"rectangle has no area ({w:.2f} x {h:.2f} px)")
     theta = math.radians(float(value.get("rotation") or 0.0))

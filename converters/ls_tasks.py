@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 from ovss_label.ontologies import IMAGE_LABEL_TAGS
 
-from .labelstudio import REGION_TYPES, RegionError, result_to_instance
+from .labelstudio import REGION_TYPES, RegionError, region_label, result_to_instance
 from .ls_regions import PREFER_CHOICES, Prefer, Region, merge_same_instances
 
 __all__ = [
@@ -116,15 +116,24 @@ class TaskImage:
 
 
 def first_task_of_image(
-    written: set[str], image: TaskImage, path: object, report: ExportReport
+    written: dict[str, str], image: TaskImage, path: object, report: ExportReport
 ) -> bool:
-    """True the first time ``image.file_name`` is written by a one-file-per-image format
-    (YOLO, LabelMe); a later task of the same image is reported as skipped."""
-    if image.file_name in written:
-        reason = f"{path} already written from another task of the same image"
+    """True the first time ``path`` is written by a one-file-per-image format (YOLO, LabelMe);
+    ``written`` maps each output path to the image it was written for. A later task of the
+    same image, or another image whose output has the same path (``a.jpg`` and ``a.png`` both
+    give ``a.txt``), is reported as skipped instead of overwriting it."""
+    earlier = written.get(str(path))
+    if earlier is not None:
+        if earlier == image.file_name:
+            reason = f"{path} already written from another task of the same image"
+        else:
+            reason = (
+                f"{path} already written for {earlier}: both images give one output file "
+                "(same name stem); rename one of them"
+            )
         report.skipped.append(Skipped(image.task_id, None, reason, image.task))
         return False
-    written.add(image.file_name)
+    written[str(path)] = image.file_name
     return True
 
 
@@ -298,9 +307,9 @@ def record_labels(record: dict[str, Any] | None, types: Collection[str] = REGION
     for result in (record or {}).get("result") or []:
         kind = str(result.get("type", "")).lower() if isinstance(result, dict) else ""
         value = result.get("value") if kind in types else None
-        names = (value.get(kind) or value.get("labels")) if isinstance(value, dict) else None
-        if isinstance(names, list) and names:
-            labels.add(str(names[0]))
+        label = region_label(value, kind)
+        if label is not None:
+            labels.add(label)
     return labels
 
 

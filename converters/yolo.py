@@ -61,7 +61,7 @@ class YoloWriter:
         self.tolerance_px = tolerance_px
         self.names: list[str] = list(dict.fromkeys(categories))  # order kept, repeats dropped
         self.holes_filled = 0
-        self._written: set[str] = set()
+        self._written: dict[str, str] = {}
 
     def class_id(self, label: str) -> int:
         """The 0-based class of a label; a new label is appended to ``names``."""
