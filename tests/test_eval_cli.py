@@ -131,3 +131,23 @@ def test_agreement_on_an_export_prints_writes_json_and_a_chart(tmp_path):
     assert version["most_corrected"] == ["cat"]
     with Image.open(tmp_path / "charts" / "agreement.png") as chart:
         assert chart.format == "PNG"
+
+
+def test_prediction_folders_with_one_name_are_told_apart_and_other_classes_refused(export):
+    out = export.parent
+    common = ["--ls-export", str(export), "--image-dir", str(out)]
+    _run(*common, "--method", "naclip", "--tiny", "--save-predictions", str(out / "a"))
+    _run(*common, "--method", "naclip", "--tiny", "--save-predictions", str(out / "b"))
+    folders = [
+        "--predictions",
+        str(out / "a" / "naclip"),
+        "--predictions",
+        str(out / "b" / "naclip"),
+    ]
+    both = _run(*common, *folders, "--json", str(out / "r.json"))
+    assert both.exit_code == 0, both.output
+    methods = json.loads((out / "r.json").read_text())["methods"]
+    assert sorted(methods) == ["naclip", "naclip-2"]
+    assert methods["naclip"]["mIoU"] == methods["naclip-2"]["mIoU"]
+    other = _run(*common, "--unlabeled", "ignore", "--predictions", str(out / "a" / "naclip"))
+    assert other.exit_code != 0 and "predictions for other classes" in other.output

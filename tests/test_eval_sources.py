@@ -230,3 +230,20 @@ def test_prediction_files_must_be_single_channel_and_stay_in_their_folder(tmp_pa
 
     with pytest.raises(ValueError, match="cannot name a file"):
         prediction_path(tmp_path, "../escape")
+
+
+def test_an_annotation_with_no_region_is_all_background_at_the_image_size(export):
+    tasks, _ = export
+    tasks[2]["annotations"] = [{"id": 30, "result": []}]  # "nothing here", no size in results
+    reads = []
+
+    def fetch(url, task_id):
+        reads.append(task_id)
+        return np.zeros((H, W, 3), np.uint8)
+
+    truth = label_studio_ground_truth(tasks, label_config=CONFIG, fetch=fetch)
+    sample = truth.samples[2]
+    assert sample.id == "photos/c"
+    assert sample.load_truth().tolist() == np.zeros((H, W), np.uint8).tolist()
+    assert sample.load_image().shape == (H, W, 3)
+    assert reads == [3]  # read once: for its size, then kept for the methods

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import sqlite3
@@ -282,3 +283,57 @@ def test_a_transient_failure_is_asked_again_and_a_permanent_one_is_not(stack):
     assert len(second["text.png"]) == 1  # stored once, not asked again
     assert images.seen == {"/flaky.png": 2, "/text.png": 1}
     images.server.shutdown()
+
+
+def test_eval_scores_a_live_project_and_measures_how_much_annotators_changed(stack, tmp_path):
+    """``eval --project`` reads the accepted labels and the images through Label Studio (the
+    token, uploads); ``eval --agreement --project`` finds each annotation's parent prediction
+    in the real export: one accepted as proposed, one cleared."""
+    from click.testing import CliRunner
+    from label_studio_sdk.client import LabelStudio
+
+    from ovss_label.cli import cli
+
+    ls_url, _, _ = stack
+    client = LabelStudio(base_url=ls_url, api_key=TOKEN)
+    project = client.projects.create(title="ovss eval", label_config=CONFIG)
+    http = httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    files = [(f"file{i}", (f"e{i}.png", _png(20 + i), "image/png")) for i in range(2)]
+    http.post(f"/api/projects/{project.id}/import", files=files).raise_for_status()
+    live = ["--project", str(project.id), "--url", ls_url, "--api-key", TOKEN]
+    predicted = CliRunner().invoke(cli, ["--tiny", "predict", *live])
+    assert predicted.exit_code == 0, predicted.output
+    predictions = http.get("/api/predictions/", params={"project": project.id}).json()
+    assert len(predictions) == 2 and all(p["result"] for p in predictions)
+    kept, cleared = sorted(predictions, key=lambda p: p["task"])
+    coco = tmp_path / "predicted.json"  # the export lists prediction ids: read them via the API
+    exported = CliRunner().invoke(
+        cli, ["export", *live, "--include-predictions", "--coco", "-o", str(coco)]
+    )
+    assert exported.exit_code == 0, exported.output
+    assert len(json.loads(coco.read_text())["annotations"]) >= 2
+    for prediction, result in ((kept, kept["result"]), (cleared, [])):
+        body = {"result": result, "parent_prediction": prediction["id"]}
+        http.post(f"/api/tasks/{prediction['task']}/annotations/", json=body).raise_for_status()
+
+    out = tmp_path / "agreement.json"
+    agreed = CliRunner().invoke(cli, ["eval", "--agreement", *live, "--json", str(out)])
+    assert agreed.exit_code == 0, agreed.output
+    versions = json.loads(out.read_text())["versions"]
+    assert list(versions) == [kept["model_version"]], agreed.output
+    assert versions[kept["model_version"]]["annotations"] == 2
+    assert versions[kept["model_version"]]["unchanged"] == 1
+
+    # Label Studio's JSON export itself lists predictions by id: counted, said, not compared.
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(client.projects.exports.as_json(project.id)))
+    from_file = CliRunner().invoke(cli, ["eval", "--agreement", "--ls-export", str(export)])
+    assert from_file.exit_code == 0, from_file.output
+    assert "2 predictions given as ids only" in " ".join(from_file.output.split())
+
+    scores = tmp_path / "scores.json"
+    scored = CliRunner().invoke(cli, ["eval", *live, "--method", "naclip", "--tiny",
+                                      "--json", str(scores)])  # fmt: skip
+    assert scored.exit_code == 0, scored.output
+    method = json.loads(scores.read_text())["methods"]["naclip"]
+    assert (method["images"], method["failed"]) == (2, 0)  # both images read through the API

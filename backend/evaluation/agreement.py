@@ -19,6 +19,10 @@ Format contract (Label Studio "JSON" export 1.20-1.23; tasks as in ``converters.
 - A pair with an undecodable region, or whose records disagree on the image size, is skipped
   with its reason; bad data never raises (non-dict tasks, annotations and predictions are
   skipped the same way). A task without ``id`` is named by its position in the file.
+- Label Studio's own JSON export lists a task's predictions by id only (``"predictions":
+  [12]``; LS 1.23 ``data_export``: predictions are an expandable field the quick export does
+  not expand): such ids are counted (``prediction_ids_only``), not compared. A live project is
+  read with its predictions attached (``lsapi.attach_predictions``).
 - Per ``model_version`` (of the parent prediction): pooled per-class IoU ``ΣI / ΣU``, the mean
   of the pairs' mean IoU, and per class the pairs that corrected it (``I < U``). Fractions are
   in [0, 1].
@@ -117,6 +121,9 @@ class AgreementReport:
         missing_parent: Annotations whose ``parent_prediction`` is not among the task's
             predictions.
         skipped: (item, reason) of everything left out because it could not be read.
+        prediction_ids_only: Predictions given as bare ids, as Label Studio's JSON export
+            writes them (``predictions: [12, 13]``): they cannot be compared; a live project
+            is read with its predictions (``lsapi.attach_predictions``).
     """
 
     versions: list[VersionAgreement]
@@ -124,6 +131,7 @@ class AgreementReport:
     without_parent: int
     missing_parent: int
     skipped: list[tuple[str, str]]
+    prediction_ids_only: int = 0
 
 
 class _PairError(ValueError):
@@ -149,8 +157,9 @@ def agreement(tasks: Iterable[dict[str, Any]]) -> AgreementReport:
         reader.task(task, position)
     pairs = reader.pairs
     return AgreementReport(
-        _versions(pairs), pairs, reader.without_parent, reader.missing_parent, reader.skipped
-    )
+        _versions(pairs), pairs, reader.without_parent, reader.missing_parent, reader.skipped,
+        reader.ids_only,
+    )  # fmt: skip
 
 
 @dataclass
@@ -161,6 +170,7 @@ class _Reader:
     without_parent: int = 0
     missing_parent: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ids_only: int = 0
     # The task being read: its name in reports, its predictions by id, those decoded so far.
     _task: dict[str, Any] = field(default_factory=dict)
     _name: str = ""
@@ -178,6 +188,8 @@ class _Reader:
         for index, prediction in enumerate(self._list("predictions"), 1):
             if isinstance(prediction, dict) and _is_id(prediction.get("id")):
                 self._predictions[prediction["id"]] = prediction
+            elif _is_id(prediction):  # Label Studio's JSON export lists prediction ids only
+                self.ids_only += 1
             else:
                 self._skip(f"prediction #{index}", "not a prediction with an id")
         for index, annotation in enumerate(self._list("annotations"), 1):
@@ -342,6 +354,7 @@ def agreement_json(report: AgreementReport) -> dict[str, Any]:
         "without_parent": report.without_parent,
         "missing_parent": report.missing_parent,
         "skipped": [{"item": item, "reason": reason} for item, reason in report.skipped],
+        "prediction_ids_only": report.prediction_ids_only,
     }
 
 

@@ -110,18 +110,28 @@ def method_predictors(
         if "sam" not in method:
             settings = {k: v for k, v in settings.items() if not k.startswith("sam_")}
         plans.append(method_plan(method, **settings))
-    pool, cache = ModelPool(device), FeatureCache(1 << 30)
+    # Methods run one after another on each image: the cache needs only the current image.
+    pool, cache = ModelPool(device), FeatureCache(256 << 20)
     return [MethodPredictor(p.method, p.build(pool, cache), truth, cache) for p in plans]
 
 
 class FolderPredictor:
     """``<folder>/<id>.png`` files (module docstring); a missing file is an error for that
-    image (the caller scores it as no prediction)."""
+    image (the caller scores it as no prediction). A folder with a manifest made for other
+    ``classes`` is refused (its indices would mean other classes)."""
 
-    def __init__(self, folder: Path, name: str | None = None) -> None:
+    def __init__(
+        self, folder: Path, classes: Sequence[str] | None = None, name: str | None = None
+    ) -> None:
         if not folder.is_dir():
             raise ValueError(f"{folder}: no such folder of predictions")
         manifest = read_manifest(folder)
+        made_for = manifest.get("classes")
+        if classes is not None and made_for is not None and list(made_for) != list(classes):
+            raise ValueError(
+                f"{folder} holds predictions for other classes ({_short(made_for)}; this "
+                f"ground truth: {_short(list(classes))})"
+            )
         self.folder = folder
         self.name = name or str(manifest.get("method") or folder.name)
         self.model_version = str(manifest.get("model_version") or f"files:{folder.name}")

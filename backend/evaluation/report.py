@@ -180,6 +180,11 @@ def agreement_table(report: AgreementReport) -> Table:
         f"{report.without_parent} without a parent prediction, {report.missing_parent} with a"
         f" parent not in the task, {len(report.skipped)} skipped"
     )
+    if report.prediction_ids_only:
+        table.caption += (
+            f"; {report.prediction_ids_only} predictions given as ids only (Label Studio's "
+            "JSON export): read the project with --project to compare them"
+        )
     return table
 
 

@@ -82,9 +82,9 @@ def label_studio_ground_truth(
     dropped: Counter[str] = Counter()
     samples = []
     for image_id, task in _task_ids(chosen, data_key):
-        load = partial(_task_labels, task, data_key, truth.classes, truth.fill, dropped)
-        image = partial(_task_image, task, data_key, image_dir, fetch)
-        samples.append(Sample(image_id, image, load))
+        image = _TaskImage(partial(_task_image, task, data_key, image_dir, fetch))
+        load = partial(_task_labels, task, data_key, truth.classes, truth.fill, dropped, image)
+        samples.append(Sample(image_id, image.take, load))
     notes = (f"{len(chosen)} of {len(tasks)} tasks have an accepted annotation",)
     return truth.ground_truth(name, samples, notes, dropped)
 
@@ -161,24 +161,43 @@ def _task_ids(
     ]
 
 
+class _TaskImage:
+    """A task's image, read at most once per sample: an annotation without regions (nothing
+    in the image) has no size in its results, so reading its label map reads the image for
+    its size and keeps it for the methods (``take``)."""
+
+    def __init__(self, load: Callable[[], NDArray[Any]]) -> None:
+        self.load = load
+        self.kept: NDArray[Any] | None = None
+
+    def size(self, task: dict[str, Any], url: str) -> tuple[int, int]:
+        image = self.kept = self.load()
+        return int(image.shape[1]), int(image.shape[0])
+
+    def take(self) -> NDArray[Any]:
+        image, self.kept = (self.kept if self.kept is not None else self.load()), None
+        return image
+
+
 def _task_labels(
     task: dict[str, Any],
     data_key: str | None,
     classes: tuple[str, ...],
     fill: int,
     dropped: Counter[str],
+    image: _TaskImage,
 ) -> NDArray[np.uint8]:
-    source = TaskSource([task], data_key=data_key)
+    source = TaskSource([task], data_key=data_key, image_size=image.size)
     images = list(source.images())
     bad = [s for s in source.report.skipped if "empty region" not in s.reason]
     if bad or not images:
-        reasons = "; ".join(s.reason for s in bad) or "no image size in its results or meta"
+        reasons = "; ".join(s.reason for s in bad) or "no image"
         raise ValueError(f"annotation cannot be scored: {reasons}")
-    image = images[0]
-    instances = [inst for _, inst in image.regions]
+    found = images[0]
+    instances = [inst for _, inst in found.regions]
     class_of = {name: i for i, name in enumerate(classes)}
     dropped.update(inst.label for inst in instances if inst.label not in class_of)
-    return paint_instances(instances, class_of, image.height, image.width, fill)
+    return paint_instances(instances, class_of, found.height, found.width, fill)
 
 
 def _task_image(

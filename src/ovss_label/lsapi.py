@@ -42,6 +42,26 @@ def fetch_project_export(client: Any, project_id: int) -> tuple[list[dict[str, A
     return tasks, str(project.label_config or "")
 
 
+def attach_predictions(
+    client: Any, project_id: int, tasks: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``tasks`` with each one's predictions as objects: Label Studio's JSON export lists only
+    their ids (``"predictions": [12]``), so they are read from ``/api/predictions``."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        found = client.predictions.list(project=project_id)
+    except ApiError as err:
+        raise LabelStudioError(_explain(err, project_id)) from err
+    except httpx.HTTPError as err:
+        raise LabelStudioError(f"cannot reach Label Studio: {err}") from err
+    by_task: dict[Any, list[dict[str, Any]]] = {}
+    for prediction in found:
+        record = prediction.model_dump() if hasattr(prediction, "model_dump") else dict(prediction)
+        by_task.setdefault(record.get("task"), []).append(record)
+    return [{**task, "predictions": by_task.get(task.get("id"), [])} for task in tasks]
+
+
 def _explain(err: Any, project_id: int) -> str:
     status = getattr(err, "status_code", None)
     if status == 401:

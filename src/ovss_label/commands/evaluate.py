@@ -128,15 +128,20 @@ def _label_studio_truth(options: dict[str, Any]) -> Any:
     )
 
 
-def _tasks(options: dict[str, Any]) -> tuple[list[dict[str, Any]], str, Any]:
-    """The tasks, the label config and an image fetcher (a live project only)."""
+def _tasks(
+    options: dict[str, Any], fetch_images: bool = True, with_predictions: bool = False
+) -> tuple[list[dict[str, Any]], str, Any]:
+    """The tasks (a live project's with its predictions: its export lists only their ids),
+    the label config and an image fetcher (a live project only)."""
     from ovss_label.commands.export import _load_tasks
 
     source, project = options["ls_export"], options["project"]
-    tasks, config = _load_tasks(source, options["url"], options["api_key"], project)
+    tasks, config = _load_tasks(
+        source, options["url"], options["api_key"], project, with_predictions
+    )
     if options["label_config"] is not None:
         config = options["label_config"].read_text(encoding="utf-8")
-    return tasks, config, _fetcher(options) if project else None
+    return tasks, config, _fetcher(options) if project and fetch_images else None
 
 
 def _fetcher(options: dict[str, Any]) -> Any:
@@ -171,7 +176,7 @@ def _predictors(options: dict[str, Any], truth: Any) -> list[Any]:
         raise click.UsageError("what to score: give --method and/or --predictions")
     method_options = {"tiny": options["tiny"], "sam_model": options["sam_model"]}
     try:
-        found: list[Any] = [FolderPredictor(d) for d in options["prediction_dirs"]]
+        found: list[Any] = [FolderPredictor(d, truth.classes) for d in options["prediction_dirs"]]
         methods = method_predictors(
             options["methods"], truth, protocol=options["protocol"], device=options["device"],
             options=method_options,
@@ -181,7 +186,17 @@ def _predictors(options: dict[str, Any], truth: Any) -> list[Any]:
             methods = [SavingPredictor(m, saving / m.name, truth) for m in methods]
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    return [*found, *methods]
+    return _distinct_names([*found, *methods])
+
+
+def _distinct_names(predictors: list[Any]) -> list[Any]:
+    """Folders with one base name (``a/preds``, ``b/preds``) become ``preds``, ``preds-2``."""
+    seen: dict[str, int] = {}
+    for predictor in predictors:
+        seen[predictor.name] = seen.get(predictor.name, 0) + 1
+        if seen[predictor.name] > 1:
+            predictor.name = f"{predictor.name}-{seen[predictor.name]}"
+    return predictors
 
 
 def _print_results(report: Any, truth: Any, options: dict[str, Any]) -> None:
@@ -214,7 +229,7 @@ def _agreement(options: dict[str, Any]) -> None:
 
     if (options["ls_export"] is None) == (options["project"] is None):
         raise click.UsageError("--agreement reads --ls-export FILE or --project ID")
-    tasks, _, _ = _tasks({**options, "project": options["project"]})
+    tasks, _, _ = _tasks(options, fetch_images=False, with_predictions=True)
     result = agreement(tasks)
     Console(highlight=False).print(agreement_table(result))
     if options["json_out"] is not None:

@@ -27,7 +27,12 @@ from ovss_label.converters import (
 from ovss_label.converters.ls_project import ProjectConfig
 from ovss_label.converters.ls_tasks import ImageSizeLookup
 from ovss_label.images import image_size_from_dir, oriented_size
-from ovss_label.lsapi import LabelStudioError, fetch_project_export, make_client
+from ovss_label.lsapi import (
+    LabelStudioError,
+    attach_predictions,
+    fetch_project_export,
+    make_client,
+)
 from ovss_label.methods import METHODS
 from ovss_label.ontologies import load
 
@@ -109,7 +114,7 @@ def export(
     a brush and as polygons is exported once. Bad records are reported and skipped.
     """
     _check_outputs(to_coco, output, yolo_dir, labelme_dir)
-    tasks, config_xml = _load_tasks(source, url, api_key, project)
+    tasks, config_xml = _load_tasks(source, url, api_key, project, include_predictions)
     if label_config is not None:
         config_xml = label_config.read_text(encoding="utf-8")
     categories, data_key = _categories(config_xml, ontology)
@@ -180,8 +185,15 @@ def _size_lookup(root: Path | None) -> ImageSizeLookup | None:
 
 
 def _load_tasks(
-    source: Path | None, url: str | None, api_key: str | None, project: int | None
+    source: Path | None,
+    url: str | None,
+    api_key: str | None,
+    project: int | None,
+    with_predictions: bool = False,
 ) -> tuple[list[dict[str, Any]], str]:
+    """The tasks and label config of an export file or a live project. Label Studio's JSON
+    export lists predictions by id only: ``with_predictions`` reads a live project's from its
+    predictions API (a file cannot be completed: ``pick_record`` skips bare ids)."""
     if (source is None) == (project is None):
         raise click.UsageError("give either SOURCE (an export file) or --project (a live project)")
     if source is not None:
@@ -190,7 +202,10 @@ def _load_tasks(
         raise click.UsageError("--project needs --url (or LABEL_STUDIO_URL)")
     try:
         client = make_client(url, api_key or "")
-        return fetch_project_export(client, int(project))  # type: ignore[arg-type]
+        tasks, config = fetch_project_export(client, int(project))  # type: ignore[arg-type]
+        if with_predictions:
+            tasks = attach_predictions(client, int(project), tasks)  # type: ignore[arg-type]
+        return tasks, config
     except LabelStudioError as err:
         raise click.ClickException(str(err)) from err
 
