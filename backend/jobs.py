@@ -1,6 +1,6 @@
 """One shape for long-running jobs: inputs, resumable state on disk, progress, one report.
 
-The jobs (``predict`` over files, ``predict --project``, ``tune``; next ``train`` and ``eval``)
+The jobs (``predict`` over files, ``predict --project``, ``tune``, ``eval``; next ``train``)
 are each a function ``run(inputs..., progress=...) -> JobReport``:
 
 - **inputs** are plain arguments (paths, a project id, a proposer or a method plan): a job
