@@ -38,6 +38,8 @@ def test_weight_table_rows_are_complete():
         if spec.format == "hf_hub":  # a repository snapshot: the hub checks each file
             assert spec.url == f"https://huggingface.co/{spec.hub_id}" and spec.file == spec.name
             continue
+        if spec.family == "dinov2":  # no published digest: its rows are tested in test_dinov2.py
+            continue
         assert re.fullmatch(r"[0-9a-f]{64}", spec.sha256)
         assert spec.url.endswith("/" + spec.file)
         if spec.name.startswith("clip_"):

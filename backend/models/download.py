@@ -4,6 +4,11 @@ A download streams to ``<file>.part`` next to the target, checks the sha256 and 
 renames, so an interrupted or corrupt download never leaves a file that resolution would pick
 up. A file already under the target name that is not the published one (a user's fine-tuned
 weights, say) is never replaced without ``force``.
+
+A weight without a published sha256 (``WeightSpec.sha256 == ""``, Meta's DINOv2 files) is
+downloaded unchecked and the sha256 of its bytes is recorded in the sidecar ``<file>.sha256``
+(``weights.record_sha256``); from then on that recorded digest stands in for the published one.
+A file found there without a sidecar (copied in by hand) has its sha256 recorded on first pull.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import httpx
 
 from ..store import weights_dir
 from .fingerprints import file_sha256, remember_sha256
-from .weights import WeightSpec, sha256_file
+from .weights import WeightSpec, expected_sha256, record_sha256, sha256_file
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) while downloading."""
@@ -61,13 +66,7 @@ def pull(
         return _pull_snapshot(spec, dest_dir or weights_dir())
     target = (dest_dir or weights_dir()) / spec.file
     if target.is_file() and not force:
-        present = file_sha256(target)
-        if present == spec.sha256:
-            return target
-        raise ForeignFileError(
-            f"{target} is not the published {spec.file}: sha256 {present[:12]}... vs published "
-            f"{spec.sha256[:12]}...; it was left as it is (--force to replace it)"
-        )
+        return _present(spec, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     own_client = client is None
@@ -80,15 +79,33 @@ def pull(
     finally:
         if own_client:
             http.close()
-    if digest != spec.sha256:
+    if spec.sha256 and digest != spec.sha256:
         part.unlink(missing_ok=True)
         raise DownloadError(
             f"sha256 mismatch for {spec.file}: got {digest}, expected {spec.sha256}; "
             "nothing was written"
         )
     os.replace(part, target)
+    if not spec.sha256:  # nothing published to check against: record what was received
+        record_sha256(target, digest)
     remember_sha256(target, digest)  # its bytes were just hashed: never read them again
     return target
+
+
+def _present(spec: WeightSpec, target: Path) -> Path:
+    """``target`` if it is the published (or, unpublished, the recorded) file; a file without
+    either digest gets its sha256 recorded now (module docstring)."""
+    present, expected = file_sha256(target), expected_sha256(spec, target)
+    if expected is None:
+        record_sha256(target, present)
+        return target
+    if present == expected:
+        return target
+    which = "published" if spec.sha256 else "recorded at pull"
+    raise ForeignFileError(
+        f"{target} is not the {which} {spec.file}: sha256 {present[:12]}... vs {which} "
+        f"{expected[:12]}...; it was left as it is (--force to replace it)"
+    )
 
 
 def _pull_snapshot(spec: WeightSpec, dest_dir: Path) -> Path:
@@ -126,18 +143,46 @@ def _stream_to(http: httpx.Client, url: str, part: Path, progress: Progress | No
 
 @dataclass(frozen=True)
 class Verification:
-    """What ``models verify`` found for one weight."""
+    """What ``models verify`` found for one weight.
+
+    Attributes:
+        spec: The table row.
+        path: The file or snapshot folder checked; None when absent.
+        sha256: Its sha256 (the table's for a complete hub snapshot); None when absent.
+        expected: For a weight without a published digest, the one recorded at pull
+            (``weights.expected_sha256``), None if none was; otherwise unused.
+    """
 
     spec: WeightSpec
     path: Path | None
     sha256: str | None
+    expected: str | None = None
 
     @property
     def status(self) -> str:
-        """``ok``, ``missing`` or ``mismatch``."""
+        """``ok``, ``missing``, ``mismatch``, or ``unverified`` (a file with no published and
+        no recorded digest: nothing to compare with)."""
         if self.path is None:
             return "missing"
-        return "ok" if self.sha256 == self.spec.sha256 else "mismatch"
+        if self.spec.sha256 or self.spec.format == "hf_hub":  # the table's digest decides
+            return "ok" if self.sha256 == self.spec.sha256 else "mismatch"
+        if self.expected is None:
+            return "unverified"
+        return "ok" if self.sha256 == self.expected else "mismatch"
+
+    @property
+    def note(self) -> str:
+        """For a weight without a published digest: that, and the file's fingerprint."""
+        if self.spec.sha256 or self.spec.format == "hf_hub":
+            return ""
+        if self.sha256 is None:
+            return "no published digest"
+        recorded = (
+            "recorded at pull" if self.expected == self.sha256
+            else f"recorded at pull {self.expected[:12]}..." if self.expected
+            else f"none recorded: `ovss-label models pull {self.spec.name}` records it"
+        )  # fmt: skip
+        return f"no published digest; fingerprint {self.sha256[:12]}... ({recorded})"
 
 
 def verify(spec: WeightSpec, path: Path | None = None) -> Verification:
@@ -150,4 +195,5 @@ def verify(spec: WeightSpec, path: Path | None = None) -> Verification:
         )
     if not candidate.is_file():
         return Verification(spec, None, None)
-    return Verification(spec, candidate, sha256_file(candidate))
+    digest = sha256_file(candidate)
+    return Verification(spec, candidate, digest, expected_sha256(spec, candidate))

@@ -9,7 +9,8 @@ The fingerprint of
   ``*.safetensors`` files, sorted by name;
 - a tiny random twin (no file) is :data:`TINY`;
 - a table weight that is not on this machine is what would be downloaded, the published file:
-  its table sha256, or ``hub:<hub id>`` for a hub snapshot (the table holds no digest for it).
+  its table sha256, ``hub:<hub id>`` for a hub snapshot (the table holds no digest for it), or
+  ``unpublished:<file>`` for a file published without a digest.
 
 Hashing a 2.4 GB file takes seconds, so sha256s are cached in the process and on disk, in
 ``$OVSS_CACHE_DIR/fingerprints.sqlite``, keyed by (resolved path, size, mtime_ns): a file is
@@ -173,8 +174,11 @@ def _warn_not_published(spec: WeightSpec, path: Path, digest: str) -> None:
 
 
 def published_fingerprint(spec: WeightSpec) -> str:
-    """The fingerprint of the file ``spec`` names as published (what a download gives)."""
-    return spec.sha256 or f"hub:{spec.hub_id}"
+    """The fingerprint of the file ``spec`` names as published (what a download gives);
+    ``unpublished:<file>`` for a file whose publisher gives no digest (DINOv2)."""
+    if spec.sha256 or spec.format != "hf_hub":
+        return spec.sha256 or f"unpublished:{spec.file}"
+    return f"hub:{spec.hub_id}"
 
 
 def expected_fingerprint(spec: WeightSpec) -> str:

@@ -127,6 +127,10 @@ def _build(ref: WeightRef, device: str) -> Any:
         from .sam import build_sam
 
         return build_sam(ref.name, checkpoint=ref.checkpoint, tiny=tiny, device=device)
+    if ref.family == "dinov2":
+        from .dinov2 import load_dinov2
+
+        return load_dinov2(ref.name, checkpoint=ref.checkpoint, tiny=tiny, device=device)
     from .blip_loader import load_blip
 
     return load_blip(ref.name, path=ref.checkpoint, tiny=tiny, device=device)

@@ -15,6 +15,12 @@ Resolution order for a weight (:func:`resolve_weight`):
 
 A weight found nowhere raises :class:`MissingWeightError`, whose one-line message names the
 file, its sha256, where to get it and the ``models pull`` command.
+
+Some publishers give no digest (Meta's DINOv2 files: no sha256 beside them, none in the name).
+Such a row has ``sha256=""`` ("not published"); ``models pull`` then records the sha256 of the
+bytes it downloaded in a sidecar ``<file>.sha256`` next to the file (``sha256sum`` format,
+:func:`record_sha256`), and ``models verify`` / ``models list`` compare the file with that
+recorded digest (:func:`expected_sha256`) and say that no published digest exists.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha}/{file}"
 _MIT = "MIT (OpenAI CLIP)"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -41,14 +49,15 @@ class WeightSpec:
         arch: The builder's architecture name (``clip.py`` ``CLIP_ARCHS`` key).
         file: File name in the weights directory.
         url: Where ``models pull`` downloads it from.
-        sha256: Hex digest of the file.
+        sha256: Hex digest of the file; ``""`` when the publisher gives none (a hub snapshot,
+            or a file whose digest ``models pull`` records: module docstring).
         licence: Licence of the weights.
         format: ``"torchscript"`` (OpenAI archives), ``"state_dict"`` or ``"safetensors"``.
         mean: RGB mean of the preprocessing, in [0, 1] units.
         std: RGB std of the preprocessing, in [0, 1] units.
         hub_id: Optional Hugging Face hub id holding the same weights.
         size_mb: Approximate download size, for the table and progress bars.
-        family: Which builder loads it: ``"clip"``, ``"sam"`` or ``"blip"``.
+        family: Which builder loads it: ``"clip"``, ``"sam"``, ``"blip"`` or ``"dinov2"``.
         tag: Short name in model versions (timm's ``arch.tag`` idea): ``b16``, ``samB``.
     """
 
@@ -79,7 +88,6 @@ def _openai(
 def _sam(name: str, arch: str, file: str, sha: str, size_mb: int, tag: str) -> WeightSpec:
     # Plain state dicts (torch.save); SAM normalises with ImageNet mean/std on 0-255 pixels.
     url = f"https://dl.fbaipublicfiles.com/segment_anything/{file}"
-    imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     return WeightSpec(
         name,
         arch,
@@ -88,8 +96,8 @@ def _sam(name: str, arch: str, file: str, sha: str, size_mb: int, tag: str) -> W
         sha,
         "Apache-2.0 (SAM)",
         "state_dict",
-        imagenet_mean,
-        imagenet_std,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
         size_mb=size_mb,
         family="sam",
         tag=tag,
@@ -102,6 +110,15 @@ def _hub(name: str, hub_id: str, size_mb: int, tag: str) -> WeightSpec:
     url = f"https://huggingface.co/{hub_id}"
     return WeightSpec(name, "blip_itm_large", name, url, "", "BSD-3-Clause (BLIP)", "hf_hub",
                       hub_id=hub_id, size_mb=size_mb, family="blip", tag=tag)  # fmt: skip
+
+
+def _dinov2(name: str, arch: str, file: str, size_mb: int, tag: str) -> WeightSpec:
+    # Meta's official state dicts (dinov2/hub/backbones.py URL scheme); no sha256 is published
+    # (module docstring: sha256="" and the sidecar). ``arch`` is the timm model (dinov2.py).
+    url = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/{file}"
+    return WeightSpec(name, arch, file, url, "", "Apache-2.0 (DINOv2)", "state_dict",
+                      IMAGENET_MEAN, IMAGENET_STD, size_mb=size_mb, family="dinov2",
+                      tag=tag)  # fmt: skip
 
 
 # sha256 of the SAM checkpoints as published with them (segment-anything README downloads).
@@ -145,6 +162,20 @@ WEIGHTS: dict[str, WeightSpec] = {
         _sam("sam_vit_h", "vit_h", "sam_vit_h_4b8939.pth", _SAM_H, 2446, "samH"),
         _hub("blip_itm_large_flickr", "Salesforce/blip-itm-large-flickr", 1880, "blipL-flickr"),
         _hub("blip_itm_large_coco", "Salesforce/blip-itm-large-coco", 1880, "blipL-coco"),
+        _dinov2(
+            "dinov2_vitl14",
+            "vit_large_patch14_dinov2.lvd142m",
+            "dinov2_vitl14_pretrain.pth",
+            1217,
+            "dL14",
+        ),
+        _dinov2(
+            "dinov2_vitl14_reg4",
+            "vit_large_patch14_reg4_dinov2.lvd142m",
+            "dinov2_vitl14_reg4_pretrain.pth",
+            1217,
+            "dL14r",
+        ),
     )
 }
 
@@ -168,8 +199,9 @@ def get_spec(name: str) -> WeightSpec:
 
 def missing_message(spec: WeightSpec) -> str:
     """The one-line error for a weight found nowhere."""
+    digest = f"sha256 {spec.sha256}" if spec.sha256 else "no published sha256"
     return (
-        f"weight {spec.name!r} not found: put {spec.file} (sha256 {spec.sha256}) in "
+        f"weight {spec.name!r} not found: put {spec.file} ({digest}) in "
         f"{weights_dir()} (set OVSS_WEIGHTS_DIR), get it from {spec.url}, or run "
         f"`ovss-label models pull {spec.name}`"
     )
@@ -258,3 +290,33 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where the sha256 recorded for the weight file ``path`` lives: ``<file>.sha256``."""
+    return path.with_name(path.name + ".sha256")
+
+
+def record_sha256(path: Path, digest: str) -> None:
+    """Records ``digest`` as the sha256 of the weight file ``path`` (``sha256sum`` format),
+    written to a temp file and renamed, so a reader never sees half a line."""
+    side = sidecar_path(path)
+    part = side.with_name(side.name + ".part")
+    part.write_text(f"{digest}  {path.name}\n")
+    os.replace(part, side)
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The sha256 recorded for ``path`` by :func:`record_sha256`, or None (no or bad sidecar)."""
+    try:
+        first = sidecar_path(path).read_text().split()
+    except OSError:
+        return None
+    ok = bool(first) and len(first[0]) == 64 and all(c in "0123456789abcdef" for c in first[0])
+    return first[0] if ok else None
+
+
+def expected_sha256(spec: WeightSpec, path: Path) -> str | None:
+    """The digest ``path`` should have as ``spec``'s file: the published one, else the one
+    recorded when it was pulled; None when neither exists."""
+    return spec.sha256 or recorded_sha256(path)

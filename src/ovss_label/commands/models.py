@@ -101,17 +101,23 @@ def _table(rows: list[tuple[str, ...]], title: str) -> Table:
 
 def _presence(spec: Any) -> str:
     """``no``, ``published``, ``other <sha256 prefix>``, or ``yes`` for a hub snapshot (the
-    table holds no digest for it). A file is hashed once per machine (cached)."""
+    table holds no digest for it). A weight with no published digest is ``pulled`` when the file
+    is the one ``models pull`` recorded, ``unrecorded <prefix>`` when none was recorded. A file
+    is hashed once per machine (cached)."""
     from ovss_label.backend.models.fingerprints import file_sha256
-    from ovss_label.backend.models.weights import find_weight
+    from ovss_label.backend.models.weights import expected_sha256, find_weight
 
     found = find_weight(spec)
     if found is None:
         return "no"
     if found.is_dir():
         return "yes"
-    digest = file_sha256(found)
-    return "published" if digest == spec.sha256 else f"other {digest[:8]}"
+    digest, expected = file_sha256(found), expected_sha256(spec, found)
+    if expected is None:
+        return f"unrecorded {digest[:8]}"
+    if digest == expected:
+        return "published" if spec.sha256 else "pulled"
+    return f"other {digest[:8]}"
 
 
 @models.command("pull")
@@ -151,6 +157,15 @@ def pull(names: tuple[str, ...], force: bool) -> None:
             except DownloadError as exc:
                 raise click.ClickException(str(exc)) from exc
         click.echo(f"{spec.name}: {path}")
+        if not spec.sha256 and spec.format != "hf_hub":
+            click.echo(f"{spec.name}: no published sha256; recorded {_recorded(path)}")
+
+
+def _recorded(path: Any) -> str:
+    """The sha256 ``models pull`` recorded for ``path`` and where (its sidecar file)."""
+    from ovss_label.backend.models.weights import recorded_sha256, sidecar_path
+
+    return f"{recorded_sha256(path)} in {sidecar_path(path)}"
 
 
 @models.command("verify")
@@ -158,7 +173,9 @@ def pull(names: tuple[str, ...], force: bool) -> None:
 def verify(names: tuple[str, ...]) -> None:
     """Check the sha256 of weight files (all table entries when no NAME is given).
 
-    Exits with status 1 if a present file does not match its sha256.
+    A weight with no published sha256 (DINOv2) is checked against the one recorded when
+    `models pull` fetched it ("unverified" when none was recorded). Exits with status 1 if a
+    present file does not match its sha256.
     """
     from ovss_label.backend.models import WEIGHTS, get_spec
     from ovss_label.backend.models.download import verify as check
@@ -168,12 +185,14 @@ def verify(names: tuple[str, ...]) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     table = Table(title="weight files")
-    for column in ("name", "status", "path"):
+    for column in ("name", "status", "path", "note"):
         table.add_column(column)
     results = [check(spec) for spec in specs]
+    styles = {"ok": "green", "missing": "yellow", "unverified": "yellow", "mismatch": "red"}
     for result in results:
-        style = {"ok": "green", "missing": "yellow", "mismatch": "red"}[result.status]
-        table.add_row(result.spec.name, f"[{style}]{result.status}[/]", str(result.path or "-"))
+        style = styles[result.status]
+        table.add_row(result.spec.name, f"[{style}]{result.status}[/]", str(result.path or "-"),
+                      result.note)  # fmt: skip
     Console().print(table)
     if any(r.status == "mismatch" for r in results):
         raise SystemExit(1)
