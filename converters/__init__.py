@@ -18,6 +18,7 @@ from .coco import (
     export_tasks_to_coco,
     polygon_rings,
     read_coco,
+    write_bytes_atomic,
     write_json_atomic,
 )
 from .instance import Instance, mask_has_holes
@@ -94,6 +95,7 @@ __all__ = [
     "rectangle_value",
     "result_to_instance",
     "ring_to_flat",
+    "write_bytes_atomic",
     "write_json_atomic",
     "write_overlay",
 ]

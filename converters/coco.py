@@ -51,6 +51,7 @@ __all__ = [
     "export_tasks_to_coco",
     "polygon_rings",
     "read_coco",
+    "write_bytes_atomic",
     "write_json_atomic",
 ]
 
@@ -328,7 +329,14 @@ def _load(source: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
-    """Writes JSON to a temp file next to ``path`` and renames it: never a half-written file.
+    """Writes JSON whole or not at all (:func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(obj, indent=indent).encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
+    """Writes ``data`` to a temp file next to ``path``, flushes it to disk (``fsync``) and
+    renames it: after a crash or a ``kill -9`` the file is the old one or the new one, never a
+    half-written one.
 
     The file gets the mode ``open()`` would give: an existing file keeps its mode, a new one
     0o666 less the umask (the temp file is created 0600 and the rename would keep that).
@@ -341,8 +349,11 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
         mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:

@@ -17,9 +17,8 @@ No ``min_area`` filter: a benchmark scores the raw decision.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
+
+from ovss_label.converters import write_bytes_atomic
 
 from ..models.pool import ModelPool
 from ..proposers import FeatureCache, Proposal, Proposer, method_plan, propose
@@ -109,6 +110,8 @@ def method_predictors(
         settings = {**protocol_options(protocol, truth.protocol, method), **(options or {})}
         if "sam" not in method:
             settings = {k: v for k, v in settings.items() if not k.startswith("sam_")}
+        if not method.startswith("fmbseg"):
+            settings.pop("head", None)
         plans.append(method_plan(method, **settings))
     # Methods run one after another on each image: the cache needs only the current image.
     pool, cache = ModelPool(device), FeatureCache(256 << 20)
@@ -190,16 +193,10 @@ def read_label_png(path: Path) -> NDArray[np.uint8]:
 
 
 def write_label_png(path: Path, labels: NDArray[np.uint8]) -> None:
-    """Writes (H, W) uint8 labels as a grayscale PNG, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(np.ascontiguousarray(labels, np.uint8), mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Writes (H, W) uint8 labels as a grayscale PNG, whole or not at all."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(labels, np.uint8), mode="L").save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue(), fsync=False)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""FMbSeg stage 2: features, alignment module, loss, data, training loop."""
