@@ -153,3 +153,32 @@ def voc_root() -> Path:
     except realdata.DownloadError as exc:
         error = str(exc)
     pytest.fail(f"cannot build the real VOC test images: {error}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained (seeded) ``fmbseg`` head for the tiny DINOv2 and CLIP twins, written by the
+    real ``save_head`` with the fingerprints ``train`` records."""
+    import torch
+
+    from ovss_label.backend.models.pool import ModelPool, WeightRef
+    from ovss_label.backend.training.head import save_head
+    from ovss_label.backend.training.job import Backbones, head_fingerprints, module_config
+    from ovss_label.backend.training.model import AlignmentModule
+    from ovss_label.ontologies import Vocabulary
+
+    pool, models = ModelPool("cpu"), Backbones(tiny=True)
+    dinov2 = pool.load(WeightRef(models.backbone, None, True))
+    clip = pool.load(WeightRef(models.text, None, True))
+    text_dim = pool.text_encoder(clip).query_features(Vocabulary.from_labels(["x"]))[0].shape[1]
+    torch.manual_seed(0)
+    module = AlignmentModule(module_config(dinov2.embed_dim, int(text_dim)))
+    path = tmp_path_factory.mktemp("head") / "head.safetensors"
+    save_head(path, module, {"tau": 0.1, "fingerprints": head_fingerprints(dinov2, clip, models)})
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fmbseg_head(tiny_head: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test may run ``fmbseg`` (a method needs a head): the tiny one, by its variable."""
+    monkeypatch.setenv("OVSS_FMBSEG_HEAD", str(tiny_head))

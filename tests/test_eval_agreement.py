@@ -262,7 +262,9 @@ def test_prediction_without_version() -> None:
 
 def test_json(report: AgreementReport) -> None:
     data = json.loads(json.dumps(agreement_json(report)))
-    assert set(data) == {"versions", "without_parent", "missing_parent", "skipped"}
+    assert set(data) == {"versions", "without_parent", "missing_parent", "skipped",
+                         "prediction_ids_only"}  # fmt: skip
+    assert data["prediction_ids_only"] == 0
     assert set(data["versions"]) == {"v1", "v2"}
     v1 = data["versions"]["v1"]
     assert set(v1) == {
@@ -332,3 +334,11 @@ def test_malformed_records_are_skipped_not_raised() -> None:
     assert reasons["task 1 annotation 4"] == "annotation result is not a list"
     assert reasons["task 1 prediction #2"] == reasons["task 1 prediction #3"]
     assert reasons["task 2"] == "predictions is not a list"
+
+
+def test_an_export_listing_prediction_ids_only_is_counted_not_compared() -> None:
+    # Label Studio's JSON export writes "predictions": [12] (ids), not the predictions.
+    tasks = [{"id": 1, "predictions": [12, 13], "annotations": [_annotation(2, 12, [])]}]
+    report = agreement(tasks)
+    assert report.prediction_ids_only == 2 and report.pairs == [] and report.skipped == []
+    assert report.missing_parent == 1

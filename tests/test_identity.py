@@ -57,8 +57,9 @@ def test_the_plan_and_the_built_proposer_agree(method, tiny_files):
     """Without loading, the plan names the files the build loads (twins and real files)."""
     pool = ModelPool()
     for options in ({}, {"checkpoint": tiny_files["clip"], "sam_checkpoint": tiny_files["sam"]}):
-        if method.startswith("pnp") and "checkpoint" in options:
-            options = {"sam_checkpoint": tiny_files["sam"]}  # a BLIP twin has no file
+        if method.startswith(("pnp", "fmbseg")) and "checkpoint" in options:
+            # A BLIP twin has no file; fmbseg's files are a DINOv2 and its head's CLIP (below).
+            options = {"sam_checkpoint": tiny_files["sam"]}
         if "sam" not in method:
             options.pop("sam_checkpoint", None)
         plan = method_plan(method, tiny=True, **options)

@@ -188,7 +188,8 @@ class _Reader:
         for index, prediction in enumerate(self._list("predictions"), 1):
             if isinstance(prediction, dict) and _is_id(prediction.get("id")):
                 self._predictions[prediction["id"]] = prediction
-            elif _is_id(prediction):  # Label Studio's JSON export lists prediction ids only
+            elif isinstance(prediction, int) and not isinstance(prediction, bool):
+                # Label Studio's JSON export lists prediction ids only
                 self.ids_only += 1
             else:
                 self._skip(f"prediction #{index}", "not a prediction with an id")

@@ -93,6 +93,26 @@ class Proposal:
             raise ValueError(f"assignment {self.assignment.shape} != {self.scores.shape[1:]}")
 
 
+def with_hidden_background(vocabulary: Vocabulary) -> tuple[Vocabulary, bool]:
+    """``vocabulary`` with a hidden background class at index 0, and True; or unchanged and
+    False when it has a background class already.
+
+    The hidden class is NACLIP's own background line (``cls_voc21.txt`` line 0: 26 stuff names,
+    minus any that is also a label's synonym): a project's labels rarely include background,
+    and a softmax over "cat, dog" alone would paint every pixel cat or dog. Its pixels get no
+    label (the proposer returns -1 there).
+    """
+    from ovss_label.ontologies import is_background, load
+
+    if any(is_background(n) for n in vocabulary.names):
+        return vocabulary, False
+    taken = {s.lower() for syns in vocabulary.synonyms for s in syns}
+    stuff = tuple(s for s in load("voc21").synonyms[0] if s.lower() not in taken)
+    names = (BACKGROUND, *vocabulary.names)
+    synonyms = (stuff or (BACKGROUND,), *vocabulary.synonyms)
+    return Vocabulary(names, synonyms, vocabulary.templates, vocabulary.name), True
+
+
 class TextEmbedder(Protocol):
     """Embeds a vocabulary's queries in a space where free text can be matched to labels."""
 
@@ -169,7 +189,7 @@ def register_method(name: str) -> Callable[[PlanFunction], PlanFunction]:
 
 def available_proposers() -> list[str]:
     """Registered method names."""
-    from . import clip_sam, naclip, pnp_ovss, refine  # noqa: F401  (register on import)
+    from . import aligned, clip_sam, naclip, pnp_ovss, refine  # noqa: F401  (register on import)
 
     return sorted(_REGISTRY)
 

@@ -42,14 +42,21 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 
-from ovss_label.ontologies import Vocabulary, is_background, load
+from ovss_label.ontologies import Vocabulary, is_background
 
 from ..models.clip import LoadedClip, tiny_requested
 from ..models.clip_text import TextEncoder
 from ..models.identity import ModelIdentity, WeightId, loaded_weight, settings_of
 from ..models.naclip_vit import naclip_tokens
 from ..models.pool import ModelPool, WeightRef
-from .base import BACKGROUND, Features, MethodPlan, Proposal, Proposer, register_method
+from .base import (
+    Features,
+    MethodPlan,
+    Proposal,
+    Proposer,
+    register_method,
+    with_hidden_background,
+)
 from .cache import FeatureCache, image_key
 from .frames import Frames, sliding_windows
 from .pamr import pamr_affinity, pamr_propagate
@@ -257,14 +264,9 @@ class NaclipProposer(Proposer):
         return 0.1 if bg >= 0 else 0.0
 
     def _with_background(self, vocabulary: Vocabulary) -> tuple[Vocabulary, bool]:
-        has_bg = any(is_background(n) for n in vocabulary.names)
-        if self.config.background == "none" or has_bg:
+        if self.config.background == "none":
             return vocabulary, False
-        taken = {s.lower() for syns in vocabulary.synonyms for s in syns}
-        stuff = tuple(s for s in load("voc21").synonyms[0] if s.lower() not in taken)
-        names = (BACKGROUND, *vocabulary.names)
-        synonyms = (stuff or (BACKGROUND,), *vocabulary.synonyms)
-        return Vocabulary(names, synonyms, vocabulary.templates, vocabulary.name), True
+        return with_hidden_background(vocabulary)
 
     def _query_features(self, vocab: Vocabulary) -> tuple[torch.Tensor, list[int]]:
         with self._lock:

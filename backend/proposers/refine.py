@@ -232,5 +232,5 @@ def with_sam(dense_method: str) -> Callable[..., MethodPlan]:
     return plan
 
 
-for _dense in ("naclip", "pnp_ovss"):
+for _dense in ("naclip", "pnp_ovss", "fmbseg"):
     register_method(f"{_dense}+sam")(with_sam(_dense))

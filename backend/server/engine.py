@@ -97,6 +97,8 @@ class Engine:
         options: dict[str, Any] = {"tiny": s.tiny}
         if "sam" in method:
             options["sam_model"] = s.sam_model
+        if method.startswith("fmbseg") and s.fmbseg_head:
+            options["head"] = s.fmbseg_head
         return method_plan(method, **options)
 
     def identity(self, method: str) -> ModelIdentity:

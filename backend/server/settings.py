@@ -96,6 +96,8 @@ class ServerSettings:
         basic_password: Its password.
         webhook_token: Shared token Label Studio's webhook may carry as ``?token=``.
         media: Media download policy.
+        fmbseg_head: The trained head ``fmbseg`` methods use (a ``train`` run folder or its
+            ``head.safetensors``); None: ``OVSS_FMBSEG_HEAD``.
     """
 
     method: str = "naclip"
@@ -111,3 +113,4 @@ class ServerSettings:
     basic_password: str | None = field(default=None, repr=False)
     webhook_token: str | None = field(default=None, repr=False)
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    fmbseg_head: str | None = None

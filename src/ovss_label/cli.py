@@ -13,6 +13,7 @@ from ovss_label.commands.ontology import ontology
 from ovss_label.commands.options import tiny_option
 from ovss_label.commands.predict import predict
 from ovss_label.commands.serve import serve
+from ovss_label.commands.train import train
 from ovss_label.commands.tune import tune
 
 
@@ -31,6 +32,7 @@ cli.add_command(ontology)
 cli.add_command(predict)
 cli.add_command(models)
 cli.add_command(serve)
+cli.add_command(train)
 cli.add_command(tune)
 
 

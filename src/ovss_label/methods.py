@@ -4,5 +4,5 @@
 what each method loads is its plan's business (``backend/proposers``, ``method_plan``).
 """
 
-METHODS = ("naclip", "naclip+sam", "clip_sam", "pnp_ovss", "pnp_ovss+sam")
+METHODS = ("naclip", "naclip+sam", "clip_sam", "pnp_ovss", "pnp_ovss+sam", "fmbseg", "fmbseg+sam")
 SAM_MODELS = ("sam_vit_b", "sam_vit_l", "sam_vit_h")

@@ -138,6 +138,7 @@ def _given(option: str) -> bool:
 )
 @click.option("--sam-checkpoint", type=click.Path(dir_okay=False), help="Explicit SAM weight file.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Explicit weight file.")
+@click.option("--head", help="fmbseg: the trained head (a `train` run folder).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @tiny_option
 @click.option("--fail-on-skip", is_flag=True, help="Exit with status 1 if an image was skipped.")
@@ -165,6 +166,7 @@ def predict(
     sam_model,
     sam_checkpoint,
     checkpoint,
+    head,
     device,
     tiny,
     fail_on_skip,
@@ -188,7 +190,7 @@ def predict(
                 "--min-score is for files; a project's threshold is the ovss_min_score "
                 "attribute of its BrushLabels/PolygonLabels control"
             )
-        run_project(project, url, api_key, method=method, tiny=tiny, device=device)
+        run_project(project, url, api_key, method=method, tiny=tiny, device=device, head=head)
         return
     if not paths or output is None:
         raise click.UsageError("give PATHS and -o OUTPUT, or --project ID")
@@ -205,6 +207,8 @@ def predict(
         raise click.UsageError(str(exc)) from exc
     _check_document_root(images, document_root)
     options = _options(run.method, background, pamr, sam_model, sam_checkpoint)
+    if run.method.startswith("fmbseg") and head:
+        options["head"] = head
     proposer = _proposer(run.method, tiny, checkpoint, device, options)
     writer = CocoWriter(run.vocabulary.names) if coco else None
     if overlays:

@@ -13,7 +13,14 @@ from ovss_label.lsapi import LabelStudioError, make_client
 
 
 def run_project(
-    project: int, url: str | None, api_key: str | None, *, method: str, tiny: bool, device: str
+    project: int,
+    url: str | None,
+    api_key: str | None,
+    *,
+    method: str,
+    tiny: bool,
+    device: str,
+    head: str | None = None,
 ) -> None:
     """Predicts the project's tasks with the server's engine and posts the predictions."""
     from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings
@@ -27,7 +34,7 @@ def run_project(
         raise click.UsageError(str(exc)) from exc
     media = replace(MediaPolicy.from_env(), ls_url=url, ls_token=api_key)
     with tempfile.TemporaryDirectory() as scratch:
-        settings = ServerSettings(method=method, tiny=tiny, device=device,
+        settings = ServerSettings(method=method, tiny=tiny, device=device, fmbseg_head=head,
                                   data_dir=Path(scratch), workers=1, media=media)  # fmt: skip
         engine = Engine(settings)
         with job_progress(f"project {project}") as progress:

@@ -40,6 +40,11 @@ from ovss_label.methods import METHODS, SAM_MODELS
 )
 @click.option("--workers", default=2, show_default=True, help="Tasks predicted in parallel.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--head",
+    envvar="OVSS_FMBSEG_HEAD",
+    help="The trained head of the fmbseg methods (a `train` run folder), or OVSS_FMBSEG_HEAD.",
+)
 @click.option("--basic-auth-user", envvar="BASIC_AUTH_USER", help="Require HTTP basic auth.")
 @click.option(
     "--basic-auth-pass",
@@ -67,8 +72,8 @@ from ovss_label.methods import METHODS, SAM_MODELS
     help="Query strings, tokens and auth headers are redacted at every level.",
 )
 def serve(
-    host, port, method, sam_model, data_dir, workers, device, basic_auth_user, basic_auth_pass,
-    basic_auth_pass_file, webhook_token, tiny, log_level,
+    host, port, method, sam_model, data_dir, workers, device, head, basic_auth_user,
+    basic_auth_pass, basic_auth_pass_file, webhook_token, tiny, log_level,
 ) -> None:  # fmt: skip
     """Serve Label Studio's ML-backend protocol (/health, /setup, /predict, /webhook).
 
@@ -97,7 +102,7 @@ def serve(
         media = MediaPolicy.from_env()
         settings = ServerSettings(
             method=method, sam_model=sam_model, tiny=tiny, device=device, data_dir=data_dir,
-            workers=workers,
+            workers=workers, fmbseg_head=head,
             basic_user=basic_auth_user, basic_password=basic_auth_pass,
             webhook_token=webhook_token, media=media,
         )  # fmt: skip

@@ -1,0 +1,118 @@
+"""``ovss-label train``: the FMbSeg alignment head on accepted labels, a dataset split or
+stage-1 pseudo-labels. The work is in ``backend/training``; this module reads options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ovss_label.commands.jobs import job_progress, print_report
+from ovss_label.commands.options import tiny_option
+from ovss_label.commands.truth import (
+    FOLDER,
+    given_ground_truths,
+    ground_truth,
+    ground_truth_options,
+)
+from ovss_label.methods import SAM_MODELS
+
+
+@click.command("train")
+@ground_truth_options(split="train", unlabeled="background")
+@click.option("--pseudo", type=FOLDER, help="A folder of images: train on clip_sam's labels.")
+@click.option("--labels", help='The classes of --pseudo, e.g. "cat, dog, person".')
+@click.option("--ontology", help="Or a named ontology for --pseudo (ovss-label ontology list).")
+@click.option("-o", "--output", "run_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The run folder: checkpoints, metrics, the head; rerun to resume.")  # fmt: skip
+@click.option("--epochs", default=10, show_default=True, help="Passes over the images [paper].")
+@click.option("--batch-size", default=5, show_default=True, help="Images per step [paper].")
+@click.option("--lr", default=0.05, show_default=True, help="SGD learning rate.")
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--weight-decay", default=1e-4, show_default=True)
+@click.option("--tau", default=0.1, show_default=True, help="Loss temperature.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--held-out", default=0.1, show_default=True, help="Fraction scored at the end.")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Steps per checkpoint.")
+@click.option("--short-side", default=448, show_default=True, help="DINOv2 input short side.")
+@click.option("--backbone", type=click.Choice(["dinov2_vitl14", "dinov2_vitl14_reg4"]),
+              default="dinov2_vitl14", show_default=True)  # fmt: skip
+@click.option("--features", "features_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Feature store folder (default: the cache; can be shared).")  # fmt: skip
+@click.option("--sam-model", type=click.Choice(SAM_MODELS), default="sam_vit_b", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@tiny_option
+def train(**options: Any) -> None:
+    """Train the FMbSeg alignment head (frozen DINOv2 -> CLIP text space).
+
+    Data: --ls-export FILE --image-dir DIR, --project ID, --dataset NAME --root DIR, or
+    --pseudo DIR with --labels/--ontology (stage-1 clip_sam labels, made once). Each image's
+    DINOv2 features are computed once. The run resumes from its last checkpoint when rerun;
+    the head is RUN_DIR/head.safetensors, used by `--method fmbseg --head RUN_DIR`.
+    """
+    from ovss_label.backend.models.pool import ModelPool
+    from ovss_label.backend.training.job import Backbones, run_training
+
+    config = _config(options)
+    pool = ModelPool(options["device"])  # one copy of each model for labels and features
+    truth = _training_truth(options, pool)
+    models = Backbones(options["backbone"], short_side=options["short_side"], tiny=options["tiny"])
+    with job_progress("features") as prepare, job_progress("training") as steps:
+        try:
+            built, trained = run_training(truth, options["run_dir"], config, models=models,
+                                          pool=pool, features_dir=options["features_dir"],
+                                          progress=(prepare, steps))  # fmt: skip
+        except ValueError as err:
+            raise click.ClickException(str(err)) from err
+    print_report(built, done="encoded", notes=truth.notes)
+    result = trained.result
+    before, after = result["before"], result["after"]
+    notes = [f"head {str(result['head'])[:12]}: --method fmbseg --head {options['run_dir']}"]
+    if after is not None:
+        notes.append(f"held-out mIoU {_pct(before['mIoU'])} before, {_pct(after['mIoU'])} after")
+    print_report(trained, done="steps", notes=tuple(notes))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _config(options: dict[str, Any]) -> Any:
+    from ovss_label.backend.training.loss import ContrastiveLossConfig
+    from ovss_label.backend.training.train import TrainConfig
+
+    keys = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "seed", "held_out",
+            "checkpoint_every")  # fmt: skip
+    try:
+        return TrainConfig(**{k: options[k] for k in keys},
+                           loss=ContrastiveLossConfig(tau=options["tau"]))  # fmt: skip
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+
+
+def _training_truth(options: dict[str, Any], pool: Any) -> Any:
+    if options["pseudo"] is None:
+        if not given_ground_truths(options):
+            raise click.UsageError(
+                "what to train on: --ls-export, --project, --dataset, --coco or --pseudo"
+            )
+        return ground_truth(options)
+    if given_ground_truths(options):
+        raise click.UsageError("give --pseudo or labelled data, not both")
+    from ovss_label.backend.predict import collect_images
+    from ovss_label.backend.training.job import pseudo_ground_truth
+    from ovss_label.ontologies import Vocabulary, load
+
+    if bool(options["labels"]) == bool(options["ontology"]):
+        raise click.UsageError("--pseudo needs the classes: --labels or --ontology")
+    try:
+        vocabulary = load(options["ontology"]) if options["ontology"] else (
+            Vocabulary.from_labels(options["labels"]))  # fmt: skip
+        images = collect_images([str(options["pseudo"])])
+        folder = options["run_dir"] / "pseudo"
+        return pseudo_ground_truth(images, vocabulary, folder, pool=pool, tiny=options["tiny"],
+                                   sam_model=options["sam_model"])  # fmt: skip
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
