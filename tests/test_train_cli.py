@@ -178,3 +178,28 @@ def test_a_sigkilled_run_resumes_and_ends_on_the_uninterrupted_runs_head(export,
     assert steps == list(range(1, 91))  # 30 epochs x 3 batches, each step once
     a, b = load_head(whole), load_head(cut)
     assert a.digest == b.digest  # the same head, bit for bit
+
+
+def test_training_on_a_dataset_split(voc_root, tmp_path):
+    run = tmp_path / "voc"
+    _cli("train", "--dataset", "voc", "--root", str(voc_root), "--split", "val", "--tiny",
+         "-o", str(run), "--epochs", "1", "--batch-size", "2", "--held-out", "0.25",
+         "--short-side", "112")  # fmt: skip
+    head = load_head(run)
+    assert (
+        head.meta["classes"][:2] == ["background", "aeroplane"] and len(head.meta["classes"]) == 21
+    )
+    report = json.loads((run / "report.json").read_text())
+    assert len(report["held_out_images"]) == 1 and report["after"]["images"] == 1
+
+
+def test_the_server_runs_fmbseg_with_its_configured_head(trained, tmp_path, monkeypatch):
+    from ovss_label.backend.server import Engine, ServerSettings
+
+    monkeypatch.delenv("OVSS_FMBSEG_HEAD")
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path, fmbseg_head=str(trained)))
+    version = engine.model_version("fmbseg")
+    assert version.startswith("fmbseg·") and "head" in version
+    assert engine.model_version("fmbseg+sam").startswith("fmbseg+sam·")
+    bare = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "2"))
+    assert bare.model_version("fmbseg") == "fmbseg·unavailable"  # no head: said, not a crash
