@@ -49,6 +49,7 @@ FAST_TESTS = {
         "tests/test_coco.py",
         "tests/test_export.py",
         "tests/test_guarantees_converters.py",
+        "tests/test_hostile_records.py",
         "tests/test_import.py",
         "tests/test_labelstudio.py",
         "tests/test_mutants_coco.py",
