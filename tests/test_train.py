@@ -106,3 +106,20 @@ def test_a_run_folder_of_other_settings_is_refused(tmp_path):
     train(inputs, TrainConfig(epochs=1, batch_size=2, held_out=0.2), tmp_path / "run")
     with pytest.raises(ValueError, match="other settings"):
         train(inputs, TrainConfig(epochs=1, batch_size=3, held_out=0.2), tmp_path / "run")
+
+
+def test_a_background_class_is_trained_and_scored_with_the_hidden_backgrounds_text():
+    from ovss_label.backend.evaluation.groundtruth import GroundTruth
+    from ovss_label.backend.proposers.base import with_background_names, with_hidden_background
+    from ovss_label.backend.training.job import prompt_vocabulary
+    from ovss_label.ontologies import Vocabulary
+
+    labels = Vocabulary.from_labels(["cat", "dog"])
+    hidden = with_hidden_background(labels)[0].synonyms[0]
+    assert len(hidden) == 26 and "sky" in hidden
+    # --unlabeled background: a "background" class added at 0, the methods asked for the labels
+    truth = GroundTruth("p", ("background", "cat", "dog"), labels, [], 0, (1, 2))
+    prompts = prompt_vocabulary(truth)
+    assert prompts.synonyms[0] == hidden and prompts.templates == ("a photo of a {}.",)
+    named = with_background_names(Vocabulary.from_labels(["Background", "cat", "dog"]))
+    assert named.synonyms[0] == hidden  # a project's own "Background" label: the same text

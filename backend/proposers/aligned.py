@@ -37,7 +37,15 @@ from ..models.identity import ArtifactId, ModelIdentity, WeightId, loaded_weight
 from ..models.pool import ModelPool, WeightRef
 from ..training.data import class_prototypes
 from ..training.head import Head, load_head
-from .base import Features, MethodPlan, Proposal, Proposer, register_method, with_hidden_background
+from .base import (
+    Features,
+    MethodPlan,
+    Proposal,
+    Proposer,
+    register_method,
+    with_background_names,
+    with_hidden_background,
+)
 from .cache import FeatureCache, image_key
 
 TEMPLATE = "a photo of a {}."
@@ -94,7 +102,7 @@ class FmbsegProposer(Proposer):
         vocab, hidden = vocabulary, False
         if self.config.background == "auto":
             vocab, hidden = with_hidden_background(vocabulary)
-        prompts = replace(vocab, templates=(self.config.template,))
+        prompts = with_background_names(replace(vocab, templates=(self.config.template,)))
         prototypes = class_prototypes(self.text, prompts)
         similarities = self.head.similarities(features.tensors["tokens"], prototypes)
         probs = self.head.probabilities(similarities, features.image_hw)

@@ -102,15 +102,35 @@ def with_hidden_background(vocabulary: Vocabulary) -> tuple[Vocabulary, bool]:
     and a softmax over "cat, dog" alone would paint every pixel cat or dog. Its pixels get no
     label (the proposer returns -1 there).
     """
-    from ovss_label.ontologies import is_background, load
+    from ovss_label.ontologies import is_background
 
     if any(is_background(n) for n in vocabulary.names):
         return vocabulary, False
+    names = (BACKGROUND, *vocabulary.names)
+    synonyms = (_stuff_names(vocabulary), *vocabulary.synonyms)
+    return Vocabulary(names, synonyms, vocabulary.templates, vocabulary.name), True
+
+
+def with_background_names(vocabulary: Vocabulary) -> Vocabulary:
+    """``vocabulary`` where a background class known only by its name ("background") gets
+    NACLIP's background line as its synonyms, the text ``with_hidden_background`` gives the
+    hidden one (``fmbseg`` is trained and scored with the same background prototype)."""
+    from ovss_label.ontologies import is_background
+
+    rows = tuple(
+        _stuff_names(vocabulary) if is_background(name) and syns == (name,) else syns
+        for name, syns in zip(vocabulary.names, vocabulary.synonyms, strict=True)
+    )
+    return Vocabulary(vocabulary.names, rows, vocabulary.templates, vocabulary.name)
+
+
+def _stuff_names(vocabulary: Vocabulary) -> tuple[str, ...]:
+    """``cls_voc21.txt`` line 0 (26 stuff names) minus any that is a synonym of a class."""
+    from ovss_label.ontologies import load
+
     taken = {s.lower() for syns in vocabulary.synonyms for s in syns}
     stuff = tuple(s for s in load("voc21").synonyms[0] if s.lower() not in taken)
-    names = (BACKGROUND, *vocabulary.names)
-    synonyms = (stuff or (BACKGROUND,), *vocabulary.synonyms)
-    return Vocabulary(names, synonyms, vocabulary.templates, vocabulary.name), True
+    return stuff or (BACKGROUND,)
 
 
 class TextEmbedder(Protocol):

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ovss_label.ontologies import Vocabulary, is_background
+from ovss_label.ontologies import Vocabulary
 
 from ..evaluation.groundtruth import GroundTruth, Sample
 from ..evaluation.predictions import MethodPredictor, SavingPredictor
 from ..jobs import JobReport, Progress
 from ..models.pool import ModelPool, WeightRef
 from ..proposers import method_plan
-from ..proposers.base import with_hidden_background
+from ..proposers.base import with_background_names
 from ..store import cache_dir
 from .data import build_training_set, class_prototypes
 from .features import FeatureStore
@@ -101,14 +101,10 @@ def head_fingerprints(dinov2: Any, clip: Any, models: Backbones) -> dict[str, st
 def prompt_vocabulary(truth: GroundTruth) -> Vocabulary:
     """The classes of ``truth`` in its class order, each with its synonyms and the paper's one
     template; a background class (added by ``--unlabeled background`` or the dataset's own)
-    gets NACLIP's background line, as ``fmbseg``'s hidden background."""
+    known only by its name gets NACLIP's background line, as ``fmbseg`` scores it."""
     synonyms = dict(zip(truth.vocabulary.names, truth.vocabulary.synonyms, strict=True))
-    stuff = with_hidden_background(Vocabulary.from_labels(["_"]))[0].synonyms[0]
-    rows = []
-    for name in truth.classes:
-        found = synonyms.get(name, (name,))
-        rows.append(stuff if is_background(name) and found == (name,) else found)
-    return Vocabulary(truth.classes, tuple(rows), (TEMPLATE,), truth.name)
+    rows = tuple(synonyms.get(name, (name,)) for name in truth.classes)
+    return with_background_names(Vocabulary(truth.classes, rows, (TEMPLATE,), truth.name))
 
 
 def pseudo_ground_truth(
