@@ -1,0 +1,2 @@
+"""Continuous learning: durable training jobs, triggers, snapshots, gated promotion of trained
+heads."""
