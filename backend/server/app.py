@@ -119,6 +119,15 @@ def create_app(engine: Engine) -> FastAPI:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(engine.control, _versions, engine)
 
+    @app.get("/jobs")
+    async def jobs(project: int | None = None, limit: int = 100) -> dict[str, Any]:
+        """Training jobs, newest first (state, attempts, progress, result, reason)."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(
+            engine.control, lambda: engine.jobs.list(project, max(1, min(limit, 1000)))
+        )
+        return {"jobs": [job.to_dict() for job in found]}
+
     return app
 
 

@@ -42,6 +42,7 @@ from typing import Any
 from ovss_label.logs import redact_text
 from ovss_label.ontologies import Vocabulary
 
+from ..learning.jobs import JobStore
 from ..models.identity import SEPARATOR, ModelIdentity
 from ..models.pool import ModelPool, WeightRef
 from ..models.sam import LoadedSam
@@ -89,6 +90,11 @@ class Engine:
     def events(self) -> EventStore:
         """The webhook event store, created on first use (batch jobs never need it)."""
         return EventStore(events_path(self.settings.data_dir))
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        """The training-job table, in the event store's database (``learning/jobs.py``)."""
+        return JobStore(events_path(self.settings.data_dir))
 
     def plan(self, method: str) -> MethodPlan:
         """The method as this server runs it (its SAM, twins or not); loads nothing. Planned

@@ -8,6 +8,7 @@ from ovss_label import __version__
 from ovss_label.commands.coco_import import coco_import
 from ovss_label.commands.evaluate import evaluate
 from ovss_label.commands.export import export
+from ovss_label.commands.jobs_list import jobs
 from ovss_label.commands.models import models
 from ovss_label.commands.ontology import ontology
 from ovss_label.commands.options import tiny_option
@@ -26,6 +27,7 @@ def cli(tiny: bool) -> None:
 
 
 cli.add_command(export)
+cli.add_command(jobs)
 cli.add_command(evaluate)
 cli.add_command(coco_import)
 cli.add_command(ontology)

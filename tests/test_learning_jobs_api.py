@@ -1,0 +1,38 @@
+"""The training jobs as a server and a command show them: ``GET /jobs``, ``ovss-label jobs``."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from ovss_label.backend.server import Engine, ServerSettings, create_app
+from ovss_label.cli import cli
+
+
+def test_get_jobs_lists_the_table_newest_first_and_by_project(tmp_path):
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path))
+    client = TestClient(create_app(engine))
+    assert client.get("/jobs").json() == {"jobs": []}
+    first = engine.jobs.enqueue(3, inputs={"trigger": "START_TRAINING"})
+    engine.jobs.enqueue(4)
+    claimed = engine.jobs.claim("worker-1", lease_seconds=60)
+    assert claimed is not None and claimed.id == first.id
+    engine.jobs.heartbeat(first.id, "worker-1", progress=0.25)
+    jobs = client.get("/jobs").json()["jobs"]
+    assert [(j["project"], j["state"]) for j in jobs] == [(4, "queued"), (3, "running")]
+    assert jobs[1]["progress"] == 0.25 and jobs[1]["inputs"] == {"trigger": "START_TRAINING"}
+    only = client.get("/jobs", params={"project": 3}).json()["jobs"]
+    assert [j["id"] for j in only] == [first.id]
+
+
+def test_the_jobs_command_reads_a_data_directory(tmp_path):
+    missing = CliRunner().invoke(cli, ["jobs", "--data-dir", str(tmp_path / "none")])
+    assert missing.exit_code != 0 and "no server data" in missing.output
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path))
+    job = engine.jobs.enqueue(7)
+    engine.jobs.cancel(job.id)
+    shown = CliRunner().invoke(cli, ["jobs", "--data-dir", str(tmp_path), "--project", "7"])
+    assert shown.exit_code == 0, shown.output
+    assert "cancelled" in shown.output and "0/3" in shown.output
+    empty = CliRunner().invoke(cli, ["jobs", "--data-dir", str(tmp_path), "--project", "8"])
+    assert "no training jobs" in empty.output
