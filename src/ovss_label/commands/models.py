@@ -1,13 +1,17 @@
-"""``ovss-label models list|pull|verify``: the weight table and the files on this machine."""
+"""``ovss-label models list|pull|verify``: the weight table and the files on this machine;
+``models versions|activate``: each project's trained versions, promotion and rollback."""
 
 from __future__ import annotations
 
+import datetime
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
@@ -196,3 +200,76 @@ def verify(names: tuple[str, ...]) -> None:
     Console().print(table)
     if any(r.status == "mismatch" for r in results):
         raise SystemExit(1)
+
+
+_data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="ovss-data",
+    show_default=True,
+    envvar="OVSS_DATA_DIR",
+    help="The server's data directory (serve --data-dir).",
+)
+
+
+def _version_store(data_dir: Path) -> Any:
+    """The data directory's versions store; a ClickException when it holds no server data."""
+    from ovss_label.backend.learning.versions import VersionStore
+    from ovss_label.backend.store import events_path
+
+    path = events_path(data_dir)
+    if not path.exists():
+        raise click.ClickException(f"no server data in {data_dir} (serve --data-dir)")
+    return VersionStore(path, data_dir)
+
+
+@models.command("versions")
+@click.option("--project", type=int, required=True, help="The Label Studio project id.")
+@_data_dir_option
+def versions(project: int, data_dir: Path) -> None:
+    """List a project's trained versions, newest first: which is active (the one predictions
+    use), which are pinned (pruning keeps them), their model_version and mIoU."""
+    found = _version_store(data_dir).list(project)
+    if not found:
+        click.echo(f"project {project} has no trained versions: it uses its zero-shot method")
+        return
+    table = Table(title=f"versions of project {project}", box=box.SIMPLE_HEAD)
+    for column in ("name", "active", "pinned", "created", "mIoU"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("model_version", overflow="fold")
+    for v in found:
+        created = datetime.datetime.fromtimestamp(v.created_at).strftime("%Y-%m-%d %H:%M")
+        miou = "" if v.miou is None else f"{v.miou:.3f}"
+        table.add_row(v.name, "[green]active[/]" if v.active else "", "pinned" if v.pinned else "",
+                      created, miou, escape(v.model_version))  # fmt: skip
+    Console().print(table)
+    if not any(v.active for v in found):
+        click.echo("no active version: the project uses its zero-shot method")
+
+
+@models.command("activate")
+@click.option("--project", type=int, required=True, help="The Label Studio project id.")
+@click.argument("version", required=False)
+@click.option("--zero-shot", is_flag=True, help="Deactivate: back to the zero-shot method.")
+@_data_dir_option
+def activate(project: int, version: str | None, zero_shot: bool, data_dir: Path) -> None:
+    """Make VERSION (e.g. v2) the project's active version: promotion by hand, or rollback to
+    an older one. With --zero-shot instead, the project goes back to its zero-shot method.
+
+    The flip is one transaction in the data directory's database; the version's predictions
+    carry its model_version.
+    """
+    from ovss_label.backend.learning.versions import VersionError
+
+    if zero_shot == (version is not None):
+        raise click.UsageError("give either VERSION or --zero-shot")
+    store = _version_store(data_dir)
+    if zero_shot:
+        was = store.deactivate(project)
+        click.echo(f"project {project}: zero-shot" + (f" (was {was.name})" if was else ""))
+        return
+    try:
+        active = store.activate(project, version)
+    except VersionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"project {project}: {active.name} active ({active.model_version})")
