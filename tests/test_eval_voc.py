@@ -54,6 +54,9 @@ def test_the_ground_truth_as_predictions_scores_one(voc_root, tmp_path):
     present = {load("voc21").names[c] for t in truths.values() for c in np.unique(t) if c != 255}
     defined = {c for c, v in method["per_class"].items() if v["IoU"] is not None}
     assert defined == present  # classes absent everywhere drop out
+    names = load("voc21").names
+    counts = {n: int(sum(np.sum(t == c) for t in truths.values())) for c, n in enumerate(names)}
+    assert {c: v["pixels"] for c, v in method["per_class"].items()} == counts
 
 
 def test_a_known_change_gives_the_independently_computed_miou(voc_root, tmp_path):

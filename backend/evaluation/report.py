@@ -4,7 +4,8 @@
   class's IoU (percent with two decimals, as the papers print them; "-" where undefined).
 - :func:`results_json`: ``{"dataset", "protocol", "classes", "images", "notes", "methods":
   {"<method>": {"model_version", "mIoU", "aAcc", "mAcc", "per_class": {"<class>": {"IoU",
-  "Acc"}}, "images", "failed"}}}``; fractions in [0, 1], null where undefined.
+  "Acc", "pixels"}}, "images", "failed"}}}``; fractions in [0, 1], null where undefined;
+  ``pixels`` is the class's labelled (scored) pixel count.
 - :func:`write_charts`: ``per_class_iou.png`` (per-class IoU, methods side by side) and
   ``confusion_<method>.png`` (rows: true class, normalised to 1; columns: predicted class and
   "none"), drawn with matplotlib's Agg backend, each written whole or not at all.
@@ -34,9 +35,12 @@ def results_json(result: EvalResult) -> dict[str, Any]:
     methods = {}
     for name, method in result.methods.items():
         scores = method.matrix.scores()
+        labelled = method.matrix.counts.sum(axis=1).tolist()
         per_class = {
-            cls: {"IoU": iou, "Acc": acc}
-            for cls, iou, acc in zip(result.classes, scores.iou, scores.acc, strict=True)
+            cls: {"IoU": iou, "Acc": acc, "pixels": int(pixels)}
+            for cls, iou, acc, pixels in zip(
+                result.classes, scores.iou, scores.acc, labelled, strict=True
+            )
         }
         methods[name] = {
             "model_version": method.model_version,

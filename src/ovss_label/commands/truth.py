@@ -85,8 +85,11 @@ def _label_studio_truth(options: dict[str, Any]) -> Any:
     from ovss_label.backend.evaluation.sources import label_studio_ground_truth
 
     tasks, config, fetch = ls_tasks(options)
-    if options["ls_export"] is not None and options["image_dir"] is None:
-        raise click.UsageError("--ls-export needs --image-dir DIR (where its images are)")
+    if options["ls_export"] is not None and options["image_dir"] is None and fetch is None:
+        raise click.UsageError(
+            "--ls-export needs --image-dir DIR (where its images are), or --url and --api-key "
+            "to read them from Label Studio"
+        )
     name = f"project {options['project']}" if options["project"] else options["ls_export"].name
     return label_studio_ground_truth(
         tasks,
@@ -111,7 +114,9 @@ def ls_tasks(
     )
     if options["label_config"] is not None:
         config = options["label_config"].read_text(encoding="utf-8")
-    return tasks, config, _fetcher(options) if project and fetch_images else None
+    # A live project's images come from Label Studio; an export's too when its URL is given.
+    from_label_studio = project is not None or (options["url"] and not options["image_dir"])
+    return tasks, config, _fetcher(options) if from_label_studio and fetch_images else None
 
 
 def _fetcher(options: dict[str, Any]) -> Any:

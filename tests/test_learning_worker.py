@@ -1,0 +1,79 @@
+"""A training job from claim to promotion (backend/learning/worker.py), with the real
+subprocesses (``python -m ovss_label train`` and ``eval``) on tiny twins; Label Studio is a
+fake SDK client and the images are local files (``OVSS_LOCAL_FILES_ROOT``)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image
+
+from ovss_label.backend.learning.gate import GateConfig
+from ovss_label.backend.learning.jobs import JobStore
+from ovss_label.backend.learning.versions import VersionStore
+from ovss_label.backend.learning.worker import WorkerSettings, run_job
+from ovss_label.backend.store import events_path
+from ovss_label.converters import Instance
+from ovss_label.converters.labelstudio import instances_to_results
+
+H, W = 56, 84
+CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>
+</View>"""
+
+
+def _project(images) -> list[dict]:
+    left = np.zeros((H, W), bool)
+    left[:, : W // 2] = True
+    result = instances_to_results([Instance(left, "cat"), Instance(~left, "dog")])
+    tasks = []
+    for i in range(10):
+        rgb = np.zeros((H, W, 3), np.uint8)
+        rgb[:, : W // 2], rgb[:, W // 2 :] = (200, 40, 40), (40, 40, 200)
+        Image.fromarray(rgb).save(images / f"p{i}.png")
+        tasks.append({"id": 100 + i, "data": {"image": f"/data/local-files/?d=p{i}.png"},
+                      "annotations": [{"id": 500 + i, "result": result,
+                                       "updated_at": "2026-12-01T00:00:00Z"}],
+                      "predictions": [7]})  # fmt: skip
+    return tasks
+
+
+def _client(tasks):
+    exports = SimpleNamespace(as_json=lambda project_id: tasks)
+    projects = SimpleNamespace(get=lambda id: SimpleNamespace(label_config=CONFIG),
+                               exports=exports)  # fmt: skip
+    return SimpleNamespace(projects=projects)
+
+
+def test_a_job_snapshots_trains_scores_and_promotes_a_version(tmp_path, monkeypatch):
+    images, data = tmp_path / "images", tmp_path / "data"
+    images.mkdir()
+    monkeypatch.setenv("OVSS_LOCAL_FILES_ROOT", str(images))
+    monkeypatch.setenv("OVSS_CACHE_DIR", str(tmp_path / "cache"))  # the subprocesses' store
+    jobs, versions = JobStore(events_path(data)), VersionStore(events_path(data), data)
+    queued = jobs.enqueue(5, inputs={"trigger": "START_TRAINING"})
+    job = jobs.claim("worker-1", lease_seconds=120)
+    assert job is not None and job.id == queued.id
+    settings = WorkerSettings(
+        data, "http://127.0.0.1:9", "token", tiny=True, poll_seconds=0.2,
+        train_options=("--epochs", "1", "--batch-size", "4", "--short-side", "112"),
+        gate=GateConfig(min_held_out=1, compare_zero_shot=False),  # tiny twins learn nothing
+    )  # fmt: skip
+    finished = run_job(job, "worker-1", jobs, versions, settings, _client(_project(images)))
+    assert finished.state.value == "done", (finished.reason, finished.result)
+    assert finished.reason.startswith("promoted")
+    active = versions.active(5)
+    assert active is not None and active.job_id == job.id
+    assert active.model_version.startswith("fmbseg·") and "head" in active.model_version
+    assert versions.head_path(active).is_file()
+    result = finished.result or {}
+    assert result["held_out"] >= 1 and result["snapshot"] == active.snapshot
+    # Every subprocess ran: the training run, the candidate's and the zero-shot method's scores.
+    work = data / "runs" / f"job-{job.id}"
+    assert (work / "run" / "head.safetensors").is_file()
+    scored = json.loads((work / "eval-zero_shot.json").read_text())
+    assert set(scored["methods"]) == {"naclip"}
+    train_tasks = json.loads((work / "train.json").read_text())
+    assert all("predictions" not in t for t in train_tasks)  # never trained on predictions
