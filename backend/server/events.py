@@ -57,15 +57,21 @@ def _ids(value: Any) -> list[int]:
     return [i for i in found if i is not None]
 
 
-def _fields(payload: dict[str, Any]) -> tuple[int | None, str, str]:
-    """(project id, task ids JSON, annotation ids JSON) of a payload, as far as they parse."""
+def event_ids(payload: dict[str, Any]) -> tuple[int | None, list[int], list[int]]:
+    """(project id, task ids, annotation ids) of a webhook payload, as far as they parse."""
     project = payload.get("project")
     annotations = payload.get("annotation", payload.get("annotations", []))
     return (
         _id(project.get("id")) if isinstance(project, dict) else None,
-        json.dumps(_ids(payload.get("task", payload.get("tasks", [])))),
-        json.dumps(_ids(annotations)),
+        _ids(payload.get("task", payload.get("tasks", []))),
+        _ids(annotations),
     )
+
+
+def _fields(payload: dict[str, Any]) -> tuple[int | None, str, str]:
+    """(project id, task ids JSON, annotation ids JSON) of a payload, as far as they parse."""
+    project_id, task_ids, annotation_ids = event_ids(payload)
+    return project_id, json.dumps(task_ids), json.dumps(annotation_ids)
 
 
 class EventStore:

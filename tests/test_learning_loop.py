@@ -1,0 +1,76 @@
+"""The server's learning loop (backend/learning/loop.py): webhooks to trigger state and jobs,
+ticks that queue due projects and run one job; the job runner is replaced by a fake here (the
+real one is tested in test_learning_worker.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ovss_label.backend.learning import loop as loop_module
+from ovss_label.backend.learning.loop import LearningLoop
+from ovss_label.backend.learning.triggers import TriggerPolicy
+from ovss_label.backend.learning.worker import WorkerSettings
+from ovss_label.backend.store import events_path
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    clock = Clock()
+    ran = []
+
+    def fake_run_job(job, owner, jobs, versions, settings, client):
+        ran.append(job.id)
+        if job.inputs.get("trigger") == "boom":
+            raise RuntimeError("out of memory")
+        return jobs.finish(job.id, owner, "rejected", result={"miou": 0.1}, reason="rejected: x")
+
+    monkeypatch.setattr(loop_module, "run_job", fake_run_job)
+    settings = WorkerSettings(tmp_path, "http://ls", "key")
+    policy = TriggerPolicy(min_new_annotations=3, debounce_seconds=10, max_wait_seconds=None)
+    loop = LearningLoop(events_path(tmp_path), settings, policy, lambda: object(), clock=clock)
+    return loop, clock, ran
+
+
+def test_start_training_queues_one_job_at_once(setup):
+    loop, _, _ = setup
+    loop.on_webhook("START_TRAINING", 5, [])
+    loop.on_webhook("START_TRAINING", 5, [])  # a second click: the same job
+    jobs = loop.jobs.list(5)
+    assert [(j.state.value, j.inputs) for j in jobs] == [("queued", {"trigger": "START_TRAINING"})]
+    loop.on_webhook("START_TRAINING", None, [])  # no project: nothing
+    assert len(loop.jobs.list()) == 1
+
+
+def test_annotation_bursts_queue_one_job_after_a_quiet_time(setup):
+    loop, clock, ran = setup
+    for annotation in (1, 2, 2, 3):  # an edit of 2 counts once
+        loop.on_webhook("ANNOTATION_UPDATED", 7, [annotation])
+        clock.now += 2
+    assert loop.tick() is None and loop.jobs.list(7) == []  # still within the debounce
+    clock.now += 10
+    done = loop.tick()
+    assert done is not None and ran == [done.id] and done.state.value == "rejected"
+    assert "3 new annotations" in done.inputs["trigger"]
+    clock.now += 100
+    assert loop.tick() is None  # counters reset when the job was queued
+    again = LearningLoop(loop.database, loop.settings, loop.policy, lambda: object(), clock=clock)
+    again.on_webhook("ANNOTATION_CREATED", 7, [8, 9, 10])  # a bulk event, persisted state
+    clock.now += 11
+    assert again.tick() is not None and len(again.jobs.list(7)) == 2
+
+
+def test_a_job_that_raises_is_released_for_another_attempt(setup):
+    loop, _, ran = setup
+    job = loop.jobs.enqueue(9, inputs={"trigger": "boom"})
+    done = loop.tick()
+    assert done is not None and done.id == job.id and ran == [job.id]
+    assert done.state.value == "queued" and done.attempts == 1
+    assert "RuntimeError: out of memory" in done.reason
