@@ -74,3 +74,35 @@ def test_a_job_that_raises_is_released_for_another_attempt(setup):
     assert done is not None and done.id == job.id and ran == [job.id]
     assert done.state.value == "queued" and done.attempts == 1
     assert "RuntimeError: out of memory" in done.reason
+
+
+def test_the_webhook_feeds_the_loop_and_answers_at_once(setup, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from ovss_label.backend.server import Engine, ServerSettings, create_app
+
+    loop, _, _ = setup
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path))
+    engine.learning = loop
+    client = TestClient(create_app(engine))
+    project = {"id": 5, "title": "p"}
+    answer = client.post("/webhook", json={"action": "START_TRAINING", "project": project})
+    assert answer.status_code == 201
+    assert [j.state.value for j in loop.jobs.list(5)] == ["queued"]
+    for annotation in (1, 2):
+        body = {
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": 6},
+            "annotation": {"id": annotation},
+        }
+        assert client.post("/webhook", json=body).status_code == 201
+    assert loop._state(6).new_annotations == (1, 2)
+    assert [e["action"] for e in engine.events.all()][-1] == "ANNOTATION_CREATED"  # stored too
+
+
+def test_learning_needs_label_studio(tmp_path):
+    from ovss_label.backend.server import ServerSettings
+    from ovss_label.backend.server.learning import learning_loop
+
+    with pytest.raises(ValueError, match="--learn needs LABEL_STUDIO_URL"):
+        learning_loop(ServerSettings(tiny=True, data_dir=tmp_path, learn=True))

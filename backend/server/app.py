@@ -32,8 +32,9 @@ from fastapi.responses import JSONResponse
 
 from ovss_label import __version__
 
+from .choice import project_id
 from .engine import Engine
-from .events import TRAINING_ACTIONS
+from .events import TRAINING_ACTIONS, event_ids
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/setup")
     async def setup(request: Request) -> dict[str, Any]:
+        """The ``model_version`` serving the project now (its active trained version's, else
+        its config's method's): Label Studio re-predicts tasks without it."""
         body = await _json(request, engine, engine.control)
         schema, method = body.get("schema"), engine.settings.method
         loop = asyncio.get_running_loop()
@@ -84,8 +87,10 @@ def create_app(engine: Engine) -> FastAPI:
                 method = project.method
             except ValueError as exc:
                 log.warning("setup: labeling config refused: %s", exc)
-        # Off the loop too: a weight file replaced since the last call is hashed again.
-        version = await loop.run_in_executor(engine.control, engine.model_version, method)
+        # Off the loop too: a weight file replaced since the last call is hashed again, and
+        # the project's active version is read from SQLite.
+        project = project_id(body.get("project"))
+        version = await loop.run_in_executor(engine.control, _serving, engine, project, method)
         return {"model_version": version}
 
     @app.post("/predict")
@@ -101,7 +106,7 @@ def create_app(engine: Engine) -> FastAPI:
             "context"
         )
         try:
-            results = await engine.predict(tasks, config or "", context)
+            results = await engine.predict(tasks, config or "", context, _project_of(body, tasks))
         except ValueError as exc:  # a malformed context: the request's fault
             raise HTTPException(400, str(exc)) from exc
         return {"results": results}
@@ -115,7 +120,8 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/versions")
     async def versions() -> dict[str, Any]:
-        """Every method's ``model_version`` (the default method first) and full manifest."""
+        """Every method's ``model_version`` (the default method first) and full manifest, and
+        each project's trained versions (newest first, the active one flagged)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(engine.control, _versions, engine)
 
@@ -138,12 +144,31 @@ def _store_event(engine: Engine, raw: bytes) -> tuple[int, dict[str, Any]]:
     if action not in TRAINING_ACTIONS:
         return 200, {"status": "Unknown event"}
     event_id = engine.events.record(raw.decode(json.detect_encoding(raw), "replace"), body)
+    if engine.learning is not None:  # after the event is safe: two small SQLite writes
+        project, _, annotations = event_ids(body)
+        engine.learning.on_webhook(str(action), project, annotations)
     return 201, {"status": "ok", "result": {"event": event_id}}
 
 
+def _serving(engine: Engine, project: int | None, config_method: str) -> str:
+    """The ``model_version`` of the model serving ``project`` now (``Engine.choice``)."""
+    return engine.model_version(*engine.choice(project, config_method))
+
+
+def _project_of(body: dict[str, Any], tasks: list[Any]) -> int | None:
+    """The project of a ``/predict``: the body's ``"<id>.<ts>"``, else the first task's
+    ``project`` field; None when neither is an id (served as no project)."""
+    found = project_id(body.get("project"))
+    if found is None:
+        ids = (project_id(task.get("project")) for task in tasks if isinstance(task, dict))
+        found = next((i for i in ids if i is not None), None)
+    return found
+
+
 def _versions(engine: Engine) -> dict[str, Any]:
-    """``versions`` and ``models`` (manifests) of every method, the default first; a method
-    that cannot be planned has its reason instead of a manifest."""
+    """``versions`` and ``models`` (manifests) of every method, the default first (a method
+    that cannot be planned has its reason instead of a manifest), and ``projects``: each
+    project's trained versions, newest first, with their metrics and active flag."""
     versions, models = [], []
     for method in _methods(engine):
         try:
@@ -153,7 +178,15 @@ def _versions(engine: Engine) -> dict[str, Any]:
                         "error": str(exc)}  # fmt: skip
         versions.append(manifest["model_version"])
         models.append(manifest)
-    return {"versions": versions, "models": models}
+    return {"versions": versions, "models": models, "projects": _project_versions(engine)}
+
+
+def _project_versions(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """``{"<project id>": [version, ...]}``, newest first (``VersionStore.list``)."""
+    projects: dict[str, list[dict[str, Any]]] = {}
+    for version in engine.versions.list():
+        projects.setdefault(str(version.project), []).append(version.to_dict())
+    return projects
 
 
 def _methods(engine: Engine) -> list[str]:

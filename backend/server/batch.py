@@ -16,7 +16,6 @@ from typing import Any
 
 from ..jobs import JobReport, NoProgress, Progress
 from .engine import Engine
-from .projects import parse_project
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,9 @@ def predict_project(
     ``counts["empty"]`` (failed for good: an empty prediction was posted)."""
     progress = progress or NoProgress()
     project = client.projects.get(id=project_id)
-    parsed = parse_project(str(project.label_config or ""), engine.settings.method)
-    version = engine.model_version(parsed.method)
+    # The project's active trained version when it has one, else its zero-shot method.
+    parsed, head = engine.served(str(project.label_config or ""), project_id)
+    version = engine.model_version(parsed.method, head)
     done = {
         p.task
         for p in client.predictions.list(project=project_id)
@@ -55,7 +55,7 @@ def predict_project(
         if task.get("id") in done:
             report.skipped += 1
         else:
-            prediction = engine.predict_task(task, parsed)
+            prediction = engine.predict_task(task, parsed, head=head)
             if prediction is None:  # failed for now (engine.py): the next run tries again
                 report.retry += 1
             else:

@@ -16,6 +16,11 @@ Label Studio's protocol facts this honours (docs/label_studio.md §1.3-1.5; Labe
   or a CLIP used by several methods and by clicks is held once); one feature cache, shared by
   all projects and methods, also holds derived maps (one memory budget).
 
+Which model serves a project (``choice.py``): its active trained version (``fmbseg`` with the
+version's head, read from SQLite per request, so a CLI ``models activate`` is seen at the next
+request), else its config's zero-shot method. ``head`` below is that head file (None: the
+method's default), threaded through planning, identities, proposers and every prediction.
+
 A method's ``model_version`` is its identity (``models/identity.py``): ``/setup`` computes it
 from the method's plan without loading anything (it has 3 s); once the proposer is built, its
 own identity (from the files it loaded) is reported everywhere, and tests hold the two equal.
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -43,6 +47,8 @@ from ovss_label.logs import redact_text
 from ovss_label.ontologies import Vocabulary
 
 from ..learning.jobs import JobStore
+from ..learning.loop import LearningLoop
+from ..learning.versions import VersionStore
 from ..models.identity import SEPARATOR, ModelIdentity
 from ..models.pool import ModelPool, WeightRef
 from ..models.sam import LoadedSam
@@ -56,6 +62,7 @@ from ..proposers import (
     propose,
 )
 from ..store import events_path
+from .choice import Choice, Chooser, ProposerCache
 from .events import EventStore
 from .interactive import has_prompt, interactive_prediction, label_for_text, text_prompt
 from .media import MediaError, MediaFetcher
@@ -77,14 +84,14 @@ class Engine:
         self.media = fetcher or MediaFetcher(settings.media)
         self.cache = FeatureCache(settings.cache_mb << 20)
         self.pool = ModelPool(settings.device)
+        self.learning: LearningLoop | None = None  # ``serve --learn`` sets it (app.py: webhooks)
         self.projects = ProjectCache(settings.method, settings.config_cache_mb << 20)
         self.tasks = ThreadPoolExecutor(settings.workers, thread_name_prefix="ovss-task")
         self.clicks = ThreadPoolExecutor(1, thread_name_prefix="ovss-click")
         self.control = ThreadPoolExecutor(2, thread_name_prefix="ovss-control")
         self.webhooks = ThreadPoolExecutor(1, thread_name_prefix="ovss-events")
-        self._proposers: dict[str, Proposer] = {}
-        self._building: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
+        self._proposers = ProposerCache()
+        self._chooser = Chooser(lambda: self.versions)
 
     @cached_property
     def events(self) -> EventStore:
@@ -96,22 +103,33 @@ class Engine:
         """The training-job table, in the event store's database (``learning/jobs.py``)."""
         return JobStore(events_path(self.settings.data_dir))
 
-    def plan(self, method: str) -> MethodPlan:
-        """The method as this server runs it (its SAM, twins or not); loads nothing. Planned
-        anew each call: a weight file replaced since is another identity."""
+    @cached_property
+    def versions(self) -> VersionStore:
+        """Each project's trained versions (``learning/versions.py``), same database."""
+        return VersionStore(events_path(self.settings.data_dir), self.settings.data_dir)
+
+    def choice(self, project_id: int | None, config_method: str) -> Choice:
+        """``(method, head)`` serving the project now: ``fmbseg[+sam]`` with its active
+        version's head file, else ``(config_method, None)`` (``choice.py``; one SQLite read)."""
+        return self._chooser(project_id, config_method)
+
+    def plan(self, method: str, head: str | None = None) -> MethodPlan:
+        """The method as this server runs it (its SAM, twins or not; ``fmbseg`` with ``head``,
+        else the configured head); loads nothing. Planned anew each call: a weight file
+        replaced since is another identity."""
         s = self.settings
         options: dict[str, Any] = {"tiny": s.tiny}
         if "sam" in method:
             options["sam_model"] = s.sam_model
-        if method.startswith("fmbseg") and s.fmbseg_head:
-            options["head"] = s.fmbseg_head
+        if method.startswith("fmbseg") and (head or s.fmbseg_head):
+            options["head"] = head or s.fmbseg_head
         return method_plan(method, **options)
 
-    def identity(self, method: str) -> ModelIdentity:
+    def identity(self, method: str, head: str | None = None) -> ModelIdentity:
         """The identity ``method``'s predictions carry: the built proposer's, else the plan's
         (equal; module docstring)."""
-        built = self._proposers.get(method)  # no lock: never wait behind a model being built
-        return built.identity if built is not None else self.plan(method).identity
+        built = self._proposers.peek((method, head))  # never waits behind a model being built
+        return built.identity if built is not None else self.plan(method, head).identity
 
     def warm(self, methods: Iterable[str]) -> dict[str, str]:
         """Every method's ``model_version``, computed now: weight files are hashed here (once
@@ -119,30 +137,30 @@ class Engine:
         cannot be planned is ``<method>·unavailable`` (:meth:`model_version`)."""
         return {method: self.model_version(method) for method in methods}
 
-    def model_version(self, method: str) -> str:
+    def model_version(self, method: str, head: str | None = None) -> str:
         """What ``/setup`` reports and every prediction of ``method`` carries;
         ``<method>·unavailable`` when the method cannot even be planned (e.g. ``OVSS_PNP_TUNED``
         names no tuned configuration): its tasks then fail for now, with the reason logged,
         and ``/setup`` still answers."""
         try:
-            return self.identity(method).version
+            return self.identity(method, head).version
         except (OSError, ValueError) as exc:
             log.warning("%s: no model version: %s", method, _safe(exc))
             return f"{method}{SEPARATOR}unavailable"
 
-    def proposer(self, method: str) -> Proposer:
-        """The method's proposer, built once per process from the pool (thread-safe).
+    def proposer(self, method: str, head: str | None = None) -> Proposer:
+        """The proposer of ``method`` (with ``head``), built once from the pool and kept
+        (``choice.ProposerCache``; thread-safe, other keys and /setup do not wait).
 
         Raises:
             ModelUnavailableError: It cannot be built (missing or unreadable weights, no memory).
         """
-        with self._lock:
-            building = self._building.setdefault(method, threading.Lock())
-        with building:  # one build per method; other methods and /setup do not wait
-            if method not in self._proposers:
-                with _unavailable(method):
-                    self._proposers[method] = self.plan(method).build(self.pool, self.cache)
-            return self._proposers[method]
+
+        def build() -> Proposer:
+            with _unavailable(method):
+                return self.plan(method, head).build(self.pool, self.cache)
+
+        return self._proposers.get((method, head), build)
 
     def sam(self) -> LoadedSam:
         """The SAM for interactive prompts: the pool's, shared with the ``+sam`` methods.
@@ -160,11 +178,23 @@ class Engine:
         for pool in (self.tasks, self.clicks, self.control, self.webhooks):
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def served(self, label_config: str, project_id: int | None) -> tuple[Project, str | None]:
+        """The parsed config with the method serving ``project_id`` now, and its head
+        (:meth:`choice`); raises the config's ValueError."""
+        project = self.projects.get(label_config)
+        method, head = self.choice(project_id, project.method)
+        return replace(project, method=method), head
+
     async def predict(
-        self, tasks: list[Any], label_config: str, context: Any = None
+        self,
+        tasks: list[Any],
+        label_config: str,
+        context: Any = None,
+        project_id: int | None = None,
     ) -> list[Prediction | list[Any]]:
-        """One entry per task, in order (module docstring); with keypoint or rectangle regions
-        in ``context``, SAM answers them instead (``interactive.py``).
+        """One entry per task, in order (module docstring), by the model serving
+        ``project_id`` (:meth:`choice`); with keypoint or rectangle regions in ``context``, SAM
+        answers them instead (``interactive.py``).
 
         Raises:
             ValueError: ``context`` is malformed (the request's fault: a 400).
@@ -175,35 +205,46 @@ class Engine:
         # nothing) is always a prediction; only batch answers may be "nothing for now".
         live = interactive or text is not None
         try:
-            project = await loop.run_in_executor(self.control, self.projects.get, label_config)
+            project, head = await loop.run_in_executor(
+                self.control, self.served, label_config, project_id
+            )
         except ValueError as exc:
             log.warning("labeling config refused for %d task(s): %s", len(tasks), exc)
-            empty = self._empty(self.settings.method)
-            return [empty if live else NOT_NOW for _ in tasks]
+            if not live:
+                return [NOT_NOW for _ in tasks]
+            chosen = await loop.run_in_executor(
+                self.control, self.choice, project_id, self.settings.method
+            )
+            return [self._empty(*chosen) for _ in tasks]
         if interactive:
-            return await _each(self.clicks, self._interactive, tasks, project, context)
+            return await _each(self.clicks, self._interactive, tasks, project, context, head)
         label = None
         if text:
             try:
                 project, label = await loop.run_in_executor(
-                    self.tasks, self._text_query, project, text
+                    self.tasks, self._text_query, project, text, head
                 )
             except Exception as exc:  # e.g. missing weights: a logged reason, not a 500
                 log.warning("text prompt: %s: %s", type(exc).__name__, _safe(exc))
-                return [self._empty(project.method) for _ in tasks]
-        entries = await _each(self.tasks, self._entry, tasks, project, label)
-        return [self._empty(project.method) if live and e == NOT_NOW else e for e in entries]
+                return [self._empty(project.method, head) for _ in tasks]
+        entries = await _each(self.tasks, self._entry, tasks, project, label, head)
+        empty = self._empty(project.method, head)
+        return [empty if live and e == NOT_NOW else e for e in entries]
 
-    def _text_query(self, project: Project, text: str) -> tuple[Project, str]:
+    def _text_query(
+        self, project: Project, text: str, head: str | None = None
+    ) -> tuple[Project, str]:
         """The project with a one-class vocabulary ``text``, and the label its masks get: the
         nearest by the method's own text embedder. The text is the class name and its one
         synonym, so methods that caption with names (PnP-OVSS) read the text too."""
-        proposer = self.proposer(project.method)
+        proposer = self.proposer(project.method, head)
         label = label_for_text(text, project.vocabulary, proposer.text_embedder())
         query = Vocabulary((text,), ((text,),), project.vocabulary.templates)
         return replace(project, vocabulary=query), label
 
-    def _interactive(self, task: Any, project: Project, context: Any) -> Prediction:
+    def _interactive(
+        self, task: Any, project: Project, context: Any, head: str | None = None
+    ) -> Prediction:
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             image = self._image(task, project)
@@ -214,27 +255,30 @@ class Engine:
             log.warning(
                 "task %s: no interactive mask: %s: %s", task_id, type(exc).__name__, _safe(exc)
             )
-            return self._empty(project.method)
+            return self._empty(project.method, head)
         return {
             "result": result,
             "score": round(score, 4),
-            "model_version": self.model_version(project.method),
+            "model_version": self.model_version(project.method, head),
         }
 
-    def _entry(self, task: Any, project: Project, label: str | None) -> Prediction | list[Any]:
-        prediction = self.predict_task(task, project, label)
+    def _entry(
+        self, task: Any, project: Project, label: str | None, head: str | None
+    ) -> Prediction | list[Any]:
+        prediction = self.predict_task(task, project, label, head)
         return NOT_NOW if prediction is None else prediction
 
     def predict_task(
-        self, task: Any, project: Project, label: str | None = None
+        self, task: Any, project: Project, label: str | None = None, head: str | None = None
     ) -> Prediction | None:
-        """One task's prediction; a permanent failure gives an empty one, a failure that may
-        pass gives None (nothing to store now); either way a logged reason. ``label``, when
-        given, names every instance (a text prompt's answer is one project label)."""
+        """One task's prediction by ``project.method`` (with ``head``: see :meth:`served`); a
+        permanent failure gives an empty one, a failure that may pass gives None (nothing to
+        store now); either way a logged reason. ``label``, when given, names every instance (a
+        text prompt's answer is one project label)."""
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             image = self._image(task, project)
-            proposer = self.proposer(project.method)
+            proposer = self.proposer(project.method, head)
             proposal = propose(proposer, image, project.vocabulary, self.cache)
             post = PostprocessConfig(min_score=project.min_score)  # the project's threshold
             instances = proposal_to_instances(proposal, post)
@@ -246,7 +290,7 @@ class Engine:
                 log.warning("task %s: no prediction now, to be retried: %s", task_id, reason)
                 return None
             log.warning("task %s: no prediction: %s", task_id, reason)
-            return self._empty(project.method)
+            return self._empty(project.method, head)
         scores = [i.score for i in instances if i.score is not None]
         return {
             "result": project.output.results(instances, post.min_area),
@@ -261,8 +305,8 @@ class Engine:
         url = task["data"].get(project.output.data_key)
         return self.media.image(url, task_id if isinstance(task_id, int) else None)
 
-    def _empty(self, method: str) -> Prediction:
-        return {"result": [], "score": 0.0, "model_version": self.model_version(method)}
+    def _empty(self, method: str, head: str | None = None) -> Prediction:
+        return {"result": [], "score": 0.0, "model_version": self.model_version(method, head)}
 
 
 async def _each(pool: ThreadPoolExecutor, work: Any, tasks: list[Any], *args: Any) -> list[Any]:

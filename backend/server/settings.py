@@ -98,6 +98,12 @@ class ServerSettings:
         media: Media download policy.
         fmbseg_head: The trained head ``fmbseg`` methods use (a ``train`` run folder or its
             ``head.safetensors``); None: ``OVSS_FMBSEG_HEAD``.
+        learn: Train on the projects' annotations in the background (``learning/loop.py``):
+            webhooks queue jobs, a worker trains and promotes versions. Off by default: training
+            DINOv2-L features on a CPU takes hours, and an operator turns it on knowingly.
+        train_every: Accepted annotations that trigger a job (debounced), with ``learn``.
+        train_schedule: ``"nightly at HH:MM"`` (UTC): a job then if there are new annotations.
+        train_options: Extra ``ovss-label train`` options for the jobs (``--epochs 5``).
     """
 
     method: str = "naclip"
@@ -114,3 +120,7 @@ class ServerSettings:
     webhook_token: str | None = field(default=None, repr=False)
     media: MediaPolicy = field(default_factory=MediaPolicy)
     fmbseg_head: str | None = None
+    learn: bool = False
+    train_every: int = 10
+    train_schedule: str | None = None
+    train_options: tuple[str, ...] = ()

@@ -139,6 +139,10 @@ def _given(option: str) -> bool:
 @click.option("--sam-checkpoint", type=click.Path(dir_okay=False), help="Explicit SAM weight file.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Explicit weight file.")
 @click.option("--head", help="fmbseg: the trained head (a `train` run folder).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar="OVSS_DATA_DIR",
+              help="With --project: the server's data directory; the project's active trained "
+              "version (models activate) is used.")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @tiny_option
 @click.option("--fail-on-skip", is_flag=True, help="Exit with status 1 if an image was skipped.")
@@ -167,6 +171,7 @@ def predict(
     sam_checkpoint,
     checkpoint,
     head,
+    data_dir,
     device,
     tiny,
     fail_on_skip,
@@ -190,7 +195,8 @@ def predict(
                 "--min-score is for files; a project's threshold is the ovss_min_score "
                 "attribute of its BrushLabels/PolygonLabels control"
             )
-        run_project(project, url, api_key, method=method, tiny=tiny, device=device, head=head)
+        run_project(project, url, api_key, method=method, tiny=tiny, device=device, head=head,
+                    data_dir=data_dir)  # fmt: skip
         return
     if not paths or output is None:
         raise click.UsageError("give PATHS and -o OUTPUT, or --project ID")

@@ -21,6 +21,7 @@ def run_project(
     tiny: bool,
     device: str,
     head: str | None = None,
+    data_dir: Path | None = None,
 ) -> None:
     """Predicts the project's tasks with the server's engine and posts the predictions."""
     from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings
@@ -33,9 +34,11 @@ def run_project(
     except LabelStudioError as exc:
         raise click.UsageError(str(exc)) from exc
     media = replace(MediaPolicy.from_env(), ls_url=url, ls_token=api_key)
+    # The server's data directory, when given, brings the project's active trained version.
     with tempfile.TemporaryDirectory() as scratch:
         settings = ServerSettings(method=method, tiny=tiny, device=device, fmbseg_head=head,
-                                  data_dir=Path(scratch), workers=1, media=media)  # fmt: skip
+                                  data_dir=data_dir or Path(scratch), workers=1,
+                                  media=media)  # fmt: skip
         engine = Engine(settings)
         with job_progress(f"project {project}") as progress:
             try:

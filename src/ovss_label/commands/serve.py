@@ -63,6 +63,15 @@ from ovss_label.methods import METHODS, SAM_MODELS
     envvar="OVSS_WEBHOOK_TOKEN",
     help="Token Label Studio's webhook URL may carry as ?token= (with basic auth on).",
 )
+@click.option("--learn", is_flag=True, envvar="OVSS_LEARN",
+              help="Train on the projects' annotations in the background and promote better "
+              "versions (README: Train on your labels).")  # fmt: skip
+@click.option("--train-every", default=10, show_default=True,
+              help="With --learn: new accepted annotations that start a training job.")  # fmt: skip
+@click.option("--train-schedule", help='With --learn: e.g. "nightly at 02:00" (UTC).')
+@click.option("--train-option", "train_options", multiple=True,
+              help="With --learn: an option for the jobs' `ovss-label train`, e.g. "
+              "--train-option=--epochs=5 (repeatable).")  # fmt: skip
 @tiny_option
 @click.option(
     "--log-level",
@@ -73,7 +82,8 @@ from ovss_label.methods import METHODS, SAM_MODELS
 )
 def serve(
     host, port, method, sam_model, data_dir, workers, device, head, basic_auth_user,
-    basic_auth_pass, basic_auth_pass_file, webhook_token, tiny, log_level,
+    basic_auth_pass, basic_auth_pass_file, webhook_token, learn, train_every, train_schedule,
+    train_options, tiny, log_level,
 ) -> None:  # fmt: skip
     """Serve Label Studio's ML-backend protocol (/health, /setup, /predict, /webhook).
 
@@ -102,16 +112,27 @@ def serve(
         media = MediaPolicy.from_env()
         settings = ServerSettings(
             method=method, sam_model=sam_model, tiny=tiny, device=device, data_dir=data_dir,
-            workers=workers, fmbseg_head=head,
+            workers=workers, fmbseg_head=head, learn=learn, train_every=train_every,
+            train_schedule=train_schedule, train_options=tuple(train_options),
             basic_user=basic_auth_user, basic_password=basic_auth_pass,
             webhook_token=webhook_token, media=media,
         )  # fmt: skip
         engine = Engine(settings)
+        if learn:
+            from ovss_label.backend.server.learning import learning_loop
+
+            engine.learning = learning_loop(settings)
     except ValueError as exc:  # e.g. OVSS_ALLOWED_NETWORKS that is not a network
         raise click.ClickException(str(exc)) from exc
     # Hash the weight files now (once per machine and file): /setup has 3 s to answer.
     engine.warm(METHODS)
     # One process: models load once and are shared by threads (no fork after CUDA init).
     # log_config=None: uvicorn's loggers propagate to the root handlers and their redaction.
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, log_config=None,
-                access_log=False)  # fmt: skip
+    if engine.learning is not None:
+        engine.learning.start()  # a daemon thread: jobs run in subprocesses (learning/loop.py)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level,
+                    log_config=None, access_log=False)  # fmt: skip
+    finally:
+        if engine.learning is not None:
+            engine.learning.stop()
