@@ -337,3 +337,84 @@ def test_eval_scores_a_live_project_and_measures_how_much_annotators_changed(sta
     assert scored.exit_code == 0, scored.output
     method = json.loads(scores.read_text())["methods"]["naclip"]
     assert (method["images"], method["failed"]) == (2, 0)  # both images read through the API
+
+
+@pytest.fixture(scope="module")
+def learning_server(stack, tmp_path_factory):
+    """A second backend, ``serve --learn``, on the same Label Studio: jobs train a tiny head in
+    a subprocess (1 epoch, small inputs) and the gate promotes a project's first version
+    (tiny twins learn nothing a margin could show)."""
+    ls_url, _, _ = stack
+    work = tmp_path_factory.mktemp("learn")
+    port, data_dir = _free_port(), work / "data"
+    command = [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--learn",
+               "--port", str(port), "--host", "127.0.0.1", "--data-dir", str(data_dir),
+               "--train-option=--epochs=1", "--train-option=--short-side=112",
+               "--train-option=--batch-size=4", "--gate-min-held-out", "1",
+               "--no-gate-zero-shot"]  # fmt: skip
+    env = {**private_env(os.environ, work / "home"), "LABEL_STUDIO_URL": ls_url,
+           "LABEL_STUDIO_API_KEY": TOKEN, "OVSS_OFFLINE": "1"}  # fmt: skip
+    process = _start(command, env)
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", 120, process)
+        yield f"http://127.0.0.1:{port}", data_dir
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_annotations_train_and_promote_a_version_that_label_studio_then_predicts_with(
+    stack, learning_server
+):
+    from click.testing import CliRunner
+    from label_studio_sdk.client import LabelStudio
+
+    from ovss_label.cli import cli
+    from ovss_label.converters import Instance
+    from ovss_label.converters.labelstudio import instances_to_results
+
+    ls_url, _, _ = stack
+    learn_url, data_dir = learning_server
+    client = LabelStudio(base_url=ls_url, api_key=TOKEN)
+    project = client.projects.create(title="ovss learn", label_config=CONFIG)
+    http = httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    files = [(f"file{i}", (f"l{i}.png", _png(40 + i), "image/png")) for i in range(6)]
+    http.post(f"/api/projects/{project.id}/import", files=files).raise_for_status()
+    ml = client.ml.create(project=project.id, url=learn_url, title="ovss-label learning")
+    setup = {"project": f"{project.id}.1", "schema": CONFIG}
+    zero_shot = httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"]
+    action = f"/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}"
+    everything = {"selectedItems": {"all": True, "excluded": []}}
+    http.post(action, json=everything).raise_for_status()
+    left = np.zeros((48, 64), bool)
+    left[:, :32] = True
+    result = instances_to_results([Instance(left, "cat"), Instance(~left, "dog")], "brush",
+                                  brush_name="tag")  # fmt: skip
+    for prediction in http.get("/api/predictions/", params={"project": project.id}).json():
+        body = {"result": result, "parent_prediction": prediction["id"]}
+        http.post(f"/api/tasks/{prediction['task']}/annotations/", json=body).raise_for_status()
+    # "Start training": Label Studio posts START_TRAINING to the backend's /webhook.
+    http.post(f"/api/ml/{ml.id}/train").raise_for_status()
+    job = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        jobs = httpx.get(f"{learn_url}/jobs", params={"project": project.id}).json()["jobs"]
+        if jobs and jobs[0]["state"] in ("done", "rejected", "failed"):
+            job = jobs[0]
+            break
+        time.sleep(2)
+    assert job is not None, "the training job did not end within 10 minutes"
+    assert job["state"] == "done" and job["reason"].startswith("promoted"), job
+    trained = httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"]
+    assert trained != zero_shot and trained.startswith("fmbseg·")
+    http.post(action, json=everything).raise_for_status()  # Label Studio predicts again
+    predictions = http.get("/api/predictions/", params={"project": project.id}).json()
+    by_task: dict[int, list[str]] = {}
+    for prediction in predictions:
+        by_task.setdefault(prediction["task"], []).append(prediction["model_version"])
+    assert len(by_task) == 6 and all(v.count(trained) == 1 for v in by_task.values())
+    # Rollback: the zero-shot method again, seen by the running server at once.
+    rolled = CliRunner().invoke(cli, ["models", "activate", "--project", str(project.id),
+                                      "--zero-shot", "--data-dir", str(data_dir)])  # fmt: skip
+    assert rolled.exit_code == 0, rolled.output
+    assert httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"] == zero_shot

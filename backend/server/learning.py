@@ -25,7 +25,8 @@ def learning_loop(settings: ServerSettings) -> LearningLoop:
         )
     url, token = media.ls_url, media.ls_token
     worker = WorkerSettings(settings.data_dir, url, token, zero_shot=settings.method,
-                            tiny=settings.tiny, train_options=settings.train_options)  # fmt: skip
+                            tiny=settings.tiny, train_options=settings.train_options,
+                            gate=settings.gate)  # fmt: skip
     policy = TriggerPolicy(min_new_annotations=settings.train_every,
                            schedule=settings.train_schedule)  # fmt: skip
 

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..learning.gate import GateConfig
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -104,6 +106,7 @@ class ServerSettings:
         train_every: Accepted annotations that trigger a job (debounced), with ``learn``.
         train_schedule: ``"nightly at HH:MM"`` (UTC): a job then if there are new annotations.
         train_options: Extra ``ovss-label train`` options for the jobs (``--epochs 5``).
+        gate: The promotion gate (``learning/gate.py``: held-out tasks needed, margin, ...).
     """
 
     method: str = "naclip"
@@ -124,3 +127,4 @@ class ServerSettings:
     train_every: int = 10
     train_schedule: str | None = None
     train_options: tuple[str, ...] = ()
+    gate: GateConfig = field(default_factory=GateConfig)

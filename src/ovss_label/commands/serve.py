@@ -72,6 +72,12 @@ from ovss_label.methods import METHODS, SAM_MODELS
 @click.option("--train-option", "train_options", multiple=True,
               help="With --learn: an option for the jobs' `ovss-label train`, e.g. "
               "--train-option=--epochs=5 (repeatable).")  # fmt: skip
+@click.option("--gate-min-held-out", default=5, show_default=True,
+              help="With --learn: held-out tasks a candidate is scored on, at least.")  # fmt: skip
+@click.option("--gate-margin", default=0.01, show_default=True,
+              help="With --learn: mIoU a candidate must gain over the active version.")  # fmt: skip
+@click.option("--gate-zero-shot/--no-gate-zero-shot", default=True, show_default=True,
+              help="With --learn: a first version must beat the zero-shot method.")  # fmt: skip
 @tiny_option
 @click.option(
     "--log-level",
@@ -83,7 +89,7 @@ from ovss_label.methods import METHODS, SAM_MODELS
 def serve(
     host, port, method, sam_model, data_dir, workers, device, head, basic_auth_user,
     basic_auth_pass, basic_auth_pass_file, webhook_token, learn, train_every, train_schedule,
-    train_options, tiny, log_level,
+    train_options, gate_min_held_out, gate_margin, gate_zero_shot, tiny, log_level,
 ) -> None:  # fmt: skip
     """Serve Label Studio's ML-backend protocol (/health, /setup, /predict, /webhook).
 
@@ -94,6 +100,7 @@ def serve(
     """
     import uvicorn
 
+    from ovss_label.backend.learning.gate import GateConfig
     from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings, create_app
 
     configure_logging(log_level)
@@ -114,6 +121,8 @@ def serve(
             method=method, sam_model=sam_model, tiny=tiny, device=device, data_dir=data_dir,
             workers=workers, fmbseg_head=head, learn=learn, train_every=train_every,
             train_schedule=train_schedule, train_options=tuple(train_options),
+            gate=GateConfig(min_held_out=gate_min_held_out, margin=gate_margin,
+                            compare_zero_shot=gate_zero_shot),
             basic_user=basic_auth_user, basic_password=basic_auth_pass,
             webhook_token=webhook_token, media=media,
         )  # fmt: skip
