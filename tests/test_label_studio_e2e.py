@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -395,15 +396,7 @@ def test_annotations_train_and_promote_a_version_that_label_studio_then_predicts
         http.post(f"/api/tasks/{prediction['task']}/annotations/", json=body).raise_for_status()
     # "Start training": Label Studio posts START_TRAINING to the backend's /webhook.
     http.post(f"/api/ml/{ml.id}/train").raise_for_status()
-    job = None
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        jobs = httpx.get(f"{learn_url}/jobs", params={"project": project.id}).json()["jobs"]
-        if jobs and jobs[0]["state"] in ("done", "rejected", "failed"):
-            job = jobs[0]
-            break
-        time.sleep(2)
-    assert job is not None, "the training job did not end within 10 minutes"
+    job = _ended_job(learn_url, project.id)
     assert job["state"] == "done" and job["reason"].startswith("promoted"), job
     trained = httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"]
     assert trained != zero_shot and trained.startswith("fmbseg·")
@@ -413,8 +406,45 @@ def test_annotations_train_and_promote_a_version_that_label_studio_then_predicts
     for prediction in predictions:
         by_task.setdefault(prediction["task"], []).append(prediction["model_version"])
     assert len(by_task) == 6 and all(v.count(trained) == 1 for v in by_task.values())
+    # A training subprocess SIGKILLed: the server stays up, the job is re-queued and run again;
+    # the same data and seed give the same head, which the gate rejects (no gain): the active
+    # version never changes.
+    http.post(f"/api/ml/{ml.id}/train").raise_for_status()
+    victim = _running_job_pid(learn_url, project.id, after=job["id"])
+    os.kill(victim["pid"], signal.SIGKILL)
+    again = _ended_job(learn_url, project.id, victim["id"])
+    assert httpx.get(f"{learn_url}/health").status_code == 200
+    assert again["attempts"] == 2 and again["state"] == "rejected", again
+    assert httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"] == trained
     # Rollback: the zero-shot method again, seen by the running server at once.
     rolled = CliRunner().invoke(cli, ["models", "activate", "--project", str(project.id),
                                       "--zero-shot", "--data-dir", str(data_dir)])  # fmt: skip
     assert rolled.exit_code == 0, rolled.output
     assert httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"] == zero_shot
+
+
+def _jobs(learn_url: str, project: int) -> list[dict]:
+    jobs: list[dict] = httpx.get(f"{learn_url}/jobs", params={"project": project}).json()["jobs"]
+    return jobs
+
+
+def _ended_job(learn_url: str, project: int, job_id: int | None = None) -> dict:
+    """The project's newest job (or ``job_id``) once it has ended; 10 minutes at most."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        jobs = [j for j in _jobs(learn_url, project) if job_id in (None, j["id"])]
+        if jobs and jobs[0]["state"] in ("done", "rejected", "failed", "cancelled"):
+            return jobs[0]
+        time.sleep(1)
+    raise AssertionError("the training job did not end within 10 minutes")
+
+
+def _running_job_pid(learn_url: str, project: int, after: int) -> dict:
+    """The project's next job once its training subprocess has started (its pid recorded)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        jobs = [j for j in _jobs(learn_url, project) if j["id"] > after]
+        if jobs and jobs[0]["state"] == "running" and jobs[0]["pid"]:
+            return jobs[0]
+        time.sleep(0.1)
+    raise AssertionError("no training subprocess started within 2 minutes")
