@@ -52,6 +52,7 @@ FAST_TESTS = {
         "tests/test_hostile_records.py",
         "tests/test_import.py",
         "tests/test_labelstudio.py",
+        "tests/test_mutants_brush.py",
         "tests/test_mutants_coco.py",
         "tests/test_mutants_converters.py",
         "tests/test_mutants_labelstudio.py",
