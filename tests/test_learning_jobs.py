@@ -506,3 +506,43 @@ def test_runner_kills_the_group_when_on_tick_raises(tmp_path: Path) -> None:
             on_start=pids.append,
         )
     assert _gone(pids[0])
+
+
+def test_a_job_command_dies_with_a_killed_server(tmp_path: Path) -> None:
+    """``kill -9`` of the server (here a stand-in parent process) takes its job's command
+    with it, although the command runs in its own session (``runner.die_with_parent``)."""
+    import subprocess
+    import sys
+    import time
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "from ovss_label.backend.learning.runner import die_with_parent\n"
+        "import time\ndie_with_parent()\ntime.sleep(60)\n"
+    )
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import os, sys, time\n"
+        "from ovss_label.backend.learning.runner import PARENT_PID, run_in_subprocess\n"
+        "env = {**os.environ, PARENT_PID: str(os.getpid())}\n"
+        f"run_in_subprocess([sys.executable, {str(child)!r}], on_tick=lambda: True,\n"
+        "                  env=env, on_start=lambda pid: print(pid, flush=True))\n"
+    )
+    server = subprocess.Popen([sys.executable, str(parent)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    job_pid = int(server.stdout.readline())
+    time.sleep(1.0)  # the command has asked for its parent-death signal
+    server.kill()
+    server.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(job_pid):
+        time.sleep(0.05)
+    assert not _alive(job_pid), "the job's command outlived the killed server"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"  # a zombie is dead, waiting to be reaped
+    except FileNotFoundError:
+        return False

@@ -5,7 +5,9 @@ an exit code and a one-line reason for the job's row. The subprocess starts a ne
 (``start_new_session=True``), so it leads its own process group and everything it spawns
 (data loader workers, a grandchild shell) is in that group: cancelling kills the whole group,
 SIGTERM first, SIGKILL after a grace period, and whatever is left of the group after the
-command ends is killed too, so nothing of a job outlives it.
+command ends is killed too, so nothing of a job outlives it. If the server itself is killed
+(``kill -9``), an ``ovss-label`` command started with ``OVSS_PARENT_PID`` in its environment
+dies with it (:func:`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -145,3 +148,26 @@ def _last_line(log: IO[bytes]) -> str:
     lines = log.read().decode("utf-8", "replace").splitlines()
     last = next((line.strip() for line in reversed(lines) if line.strip()), "")
     return last[:300]
+
+
+PARENT_PID = "OVSS_PARENT_PID"
+"""Set by the worker to the server's pid for the commands it starts."""
+
+
+def die_with_parent() -> None:
+    """Called first by ``python -m ovss_label``: when ``OVSS_PARENT_PID`` names this process's
+    parent, asks Linux to SIGKILL it when that parent dies (``prctl(PR_SET_PDEATHSIG)``), and
+    exits at once if the parent is already gone. A job's command runs in its own session, out
+    of the server's process group, so a ``kill -9`` of the server would otherwise leave it
+    training on; the job, re-queued after the restart, would then have two trainers writing
+    one run folder. Done in the child itself: ``preexec_fn`` is unsafe in a threaded server.
+    Elsewhere than Linux this is a no-op."""
+    expected = os.environ.get(PARENT_PID, "")
+    if not expected.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(expected):  # the parent died before the request took effect
+        os._exit(1)

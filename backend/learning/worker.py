@@ -32,7 +32,7 @@ from typing import Any
 from ..evaluation.metrics import Scores
 from .gate import Decision, GateConfig, HeldOutScores, decide
 from .jobs import Job, JobStore
-from .runner import run_in_subprocess
+from .runner import PARENT_PID, run_in_subprocess
 from .snapshot import Snapshot, pull_snapshot, tasks_of
 from .versions import VersionStore
 
@@ -133,6 +133,7 @@ def _subprocess(
     env = {**os.environ, "LABEL_STUDIO_URL": settings.ls_url,
            "LABEL_STUDIO_API_KEY": settings.api_key}  # fmt: skip
     env.pop("OVSS_FMBSEG_HEAD", None)  # each command names its head
+    env[PARENT_PID] = str(os.getpid())  # the command dies with the server (runner.py)
 
     def started(pid: int) -> None:
         jobs.heartbeat(job.id, owner, pid=pid)
