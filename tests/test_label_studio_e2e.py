@@ -448,3 +448,75 @@ def _running_job_pid(learn_url: str, project: int, after: int) -> dict:
             return jobs[0]
         time.sleep(0.1)
     raise AssertionError("no training subprocess started within 2 minutes")
+
+
+def _learn_command(port: int, data_dir: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--learn",
+            "--port", str(port), "--host", "127.0.0.1", "--data-dir", str(data_dir),
+            "--train-option=--epochs=1", "--train-option=--short-side=112",
+            "--train-option=--batch-size=4", "--gate-min-held-out", "1",
+            "--no-gate-zero-shot", "--job-lease", "5"]  # fmt: skip
+
+
+def test_a_server_killed_mid_job_reruns_it_after_a_restart_and_activates_only_whole_versions(
+    stack, tmp_path
+):
+    from label_studio_sdk.client import LabelStudio
+
+    from ovss_label.backend.learning.versions import VersionStore
+    from ovss_label.backend.models.weights import sha256_file
+    from ovss_label.backend.store import events_path
+    from ovss_label.converters import Instance
+    from ovss_label.converters.labelstudio import instances_to_results
+
+    ls_url, _, _ = stack
+    port, data_dir = _free_port(), tmp_path / "data"
+    env = {**private_env(os.environ, tmp_path / "home"), "LABEL_STUDIO_URL": ls_url,
+           "LABEL_STUDIO_API_KEY": TOKEN, "OVSS_OFFLINE": "1"}  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    server = _start(_learn_command(port, data_dir), env)
+    _wait(f"{url}/health", 120, server)
+    client = LabelStudio(base_url=ls_url, api_key=TOKEN)
+    project = client.projects.create(title="ovss crash", label_config=CONFIG)
+    http = httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
+    files = [(f"file{i}", (f"c{i}.png", _png(60 + i), "image/png")) for i in range(4)]
+    http.post(f"/api/projects/{project.id}/import", files=files).raise_for_status()
+    ml = client.ml.create(project=project.id, url=url, title="ovss-label crash")
+    left = np.zeros((48, 64), bool)
+    left[:, :32] = True
+    result = instances_to_results([Instance(left, "cat")], "brush", brush_name="tag")
+    for task in client.tasks.list(project=project.id):
+        http.post(f"/api/tasks/{task.id}/annotations/", json={"result": result}).raise_for_status()
+    try:
+        http.post(f"/api/ml/{ml.id}/train").raise_for_status()
+        running = _running_job_pid(url, project.id, after=0)
+        server.kill()  # kill -9 of the whole server, mid-job
+        server.wait()
+        deadline = time.monotonic() + 10  # its training subprocess dies with it
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{running['pid']}"):
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{running['pid']}") or _zombie(running["pid"])
+        store = VersionStore(events_path(data_dir), data_dir)
+        assert store.active(project.id) is None  # nothing half-done was activated
+        server = _start(_learn_command(port, data_dir), env)  # the same data directory
+        _wait(f"{url}/health", 120, server)
+        job = _ended_job(url, project.id, running["id"])  # re-queued once its lease expired
+        assert job["state"] == "done" and job["attempts"] == 2, job
+        active = store.active(project.id)
+        assert active is not None and active.job_id == running["id"]
+        assert sha256_file(store.head_path(active)) == active.head_sha256  # whole, verified
+        setup = {"project": f"{project.id}.1", "schema": CONFIG}
+        assert httpx.post(f"{url}/setup", json=setup).json()["model_version"] == (
+            active.model_version
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] == "Z"
+    except FileNotFoundError:
+        return True

@@ -35,4 +35,5 @@ def learning_loop(settings: ServerSettings) -> LearningLoop:
 
         return make_client(url, token)
 
-    return LearningLoop(events_path(settings.data_dir), worker, policy, client)
+    return LearningLoop(events_path(settings.data_dir), worker, policy, client,
+                        lease_seconds=settings.job_lease_seconds)  # fmt: skip

@@ -107,6 +107,8 @@ class ServerSettings:
         train_schedule: ``"nightly at HH:MM"`` (UTC): a job then if there are new annotations.
         train_options: Extra ``ovss-label train`` options for the jobs (``--epochs 5``).
         gate: The promotion gate (``learning/gate.py``: held-out tasks needed, margin, ...).
+        job_lease_seconds: How long a training job stays claimed without a heartbeat (one a
+            second while it runs); after a crash the job is re-queued once its lease expires.
     """
 
     method: str = "naclip"
@@ -128,3 +130,4 @@ class ServerSettings:
     train_schedule: str | None = None
     train_options: tuple[str, ...] = ()
     gate: GateConfig = field(default_factory=GateConfig)
+    job_lease_seconds: float = 120.0
