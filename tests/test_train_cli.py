@@ -123,7 +123,7 @@ def test_fmbseg_without_a_head_or_with_another_backbones_head_says_so(
                                           "backbone_fingerprint": "0" * 32}}  # fmt: skip
     other = tmp_path / "other" / "head.safetensors"
     save_head(other, head.module, meta)
-    with pytest.raises(ValueError, match="trained on features of another backbone"):
+    with pytest.raises(ValueError, match="trained on another backbone's features"):
         create_proposer("fmbseg", tiny=True, head=str(other))
 
 

@@ -40,17 +40,18 @@ import builtins
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, closing
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from . import database as sqlite_file
+
 JSONObject = dict[str, Any]
 """A JSON object: a job's inputs and result."""
 
-BUSY_TIMEOUT_SECONDS = 10.0
 """How long a call waits for another process's write transaction before it fails."""
 
 
@@ -194,33 +195,16 @@ class JobStore:
         """
         if max_attempts < 1:
             raise JobError(f"max_attempts must be at least 1, not {max_attempts}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_attempts = max_attempts
         self._clock = clock
-        with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(JOBS_SCHEMA)
+        sqlite_file.create(path, JOBS_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: the module opens no transactions of its own; ours are explicit.
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        return db
+        return sqlite_file.connect(self.path)
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A new connection in one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back
-        when the body raises; always closed."""
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_file.write(self.path)
 
     @staticmethod
     def _load(db: sqlite3.Connection, job_id: int) -> Job:

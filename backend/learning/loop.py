@@ -31,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from . import database as sqlite_file
 from .jobs import Job, JobStore
 from .triggers import START, TriggerPolicy, TriggerState, after_queued, due, on_event
 from .versions import VersionStore
@@ -66,13 +67,10 @@ class LearningLoop:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        with closing(self._connect()) as db:
-            db.execute(TRIGGERS_SCHEMA)
+        sqlite_file.create(database, TRIGGERS_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.database, timeout=10, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+        return sqlite_file.connect(self.database)
 
     # ---- webhook thread ---------------------------------------------------------------
     def on_webhook(self, action: str, project: int | None, annotation_ids: list[int]) -> None:

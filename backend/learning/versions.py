@@ -40,15 +40,15 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..models.weights import sha256_file
+from . import database as sqlite_file
 
-BUSY_TIMEOUT_SECONDS = 10.0
 """How long a call waits for another process's write transaction before it fails."""
 
 HEAD_FILE = "head.safetensors"
@@ -165,30 +165,14 @@ class VersionStore:
             data_dir: The data directory; version folders live under its ``heads/``.
             clock: Seconds now, for timestamps and orphan ages (tests pass a fake).
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.data_dir, self._clock = path, data_dir, clock
-        with closing(self._connect()) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(VERSIONS_SCHEMA)
+        sqlite_file.create(path, VERSIONS_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        return db
+        return sqlite_file.connect(self.path)
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A new connection in one ``BEGIN IMMEDIATE`` transaction: committed, or rolled back
-        when the body raises; always closed."""
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_file.write(self.path)
 
     def _select(self, sql: str, *params: Any) -> builtins.list[Version]:
         with closing(self._connect()) as db:

@@ -78,8 +78,11 @@ class FmbsegProposer(Proposer):
         self.dinov2, self.text, self.head, self.head_id = dinov2, text, head, head_id
         self.config = config
         self.short_side = int(head.meta["fingerprints"]["short_side"])
-        _check_backbone(head, dinov2)
-        _check_text(head, text.clip)
+        _check_trained_with(
+            head, "backbone_fingerprint", dinov2, dinov2.backbone_fingerprint, "backbone's features"
+        )
+        _check_trained_with(head, "text", text.clip, text.clip.text_fingerprint,
+                            "CLIP text tower")  # fmt: skip
 
     @property
     def identity(self) -> ModelIdentity:
@@ -111,23 +114,14 @@ class FmbsegProposer(Proposer):
         return Proposal(vocabulary.names, scores, assignment)
 
 
-def _check_backbone(head: Head, dinov2: LoadedDinov2) -> None:
-    trained_on = head.meta["fingerprints"].get("backbone_fingerprint")
-    if trained_on and trained_on != dinov2.backbone_fingerprint:
+def _check_trained_with(head: Head, key: str, model: Any, found: str, what: str) -> None:
+    """Refuses a model other than the one the head was trained with (``fingerprints[key]``):
+    features or prototypes of another model would mean nothing to it."""
+    trained = head.meta["fingerprints"].get(key)
+    if trained and trained != found:
         raise ValueError(
-            f"this head was trained on features of another backbone ({trained_on[:12]}, loaded "
-            f"{dinov2.weight or dinov2.name} gives {dinov2.backbone_fingerprint[:12]}): load "
-            "the backbone it was trained with"
-        )
-
-
-def _check_text(head: Head, clip: Any) -> None:
-    trained_with = head.meta["fingerprints"].get("text")
-    if trained_with and trained_with != clip.text_fingerprint:
-        raise ValueError(
-            f"this head was trained against another CLIP text tower ({trained_with[:12]}, "
-            f"loaded {clip.weight or clip.name} has {clip.text_fingerprint[:12]}): load the "
-            "text model it was trained with"
+            f"this head was trained on another {what} ({trained[:12]}; loaded "
+            f"{model.weight or model.name} is {found[:12]}): load the one it was trained with"
         )
 
 

@@ -30,9 +30,7 @@ recomputed by :meth:`FeatureStore.get_or_compute`.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+
+from ovss_label.converters import write_bytes_atomic
 
 from ..models.dinov2 import LoadedDinov2, encode_size, patch_tokens
 from ..proposers.cache import image_key
@@ -137,21 +137,10 @@ class FeatureStore:
         return tokens.float()
 
     def _write(self, path: Path, tokens: torch.Tensor, metadata: dict[str, str]) -> None:
-        """Atomic write: temp file in the same folder, fsync, rename (module docstring)."""
+        """Atomic write (module docstring): ``write_bytes_atomic``, fsync and rename."""
         from safetensors.torch import save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = save({"tokens": tokens}, metadata=metadata)
-        fd, temp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(path, save({"tokens": tokens}, metadata=metadata))
 
 
 def _valid_header(metadata: dict[str, str] | None, key: str) -> bool:

@@ -11,27 +11,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ovss_label.commands.options import data_dir_option, server_database
+
 
 @click.command("jobs")
 @click.option("--project", type=int, help="Only this Label Studio project's jobs.")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default="ovss-data",
-    show_default=True,
-    envvar="OVSS_DATA_DIR",
-    help="The server's data directory (serve --data-dir).",
-)
+@data_dir_option
 @click.option("--limit", default=50, show_default=True, help="Newest jobs shown.")
 def jobs(project: int | None, data_dir: Path, limit: int) -> None:
     """List training jobs: state, attempts, progress, reason, newest first."""
     from ovss_label.backend.learning.jobs import JobStore
-    from ovss_label.backend.store import events_path
 
-    path = events_path(data_dir)
-    if not path.exists():
-        raise click.ClickException(f"no server data in {data_dir} (serve --data-dir)")
-    found = JobStore(path).list(project, limit)
+    found = JobStore(server_database(data_dir)).list(project, limit)
     table = Table(title=f"training jobs in {escape(str(data_dir))}")
     for column in ("id", "project", "state", "attempts", "progress", "updated", "reason"):
         table.add_column(column, justify="right" if column in ("id", "project") else "left")

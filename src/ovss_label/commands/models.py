@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from ovss_label.commands.options import tiny_option
+from ovss_label.commands.options import data_dir_option, server_database, tiny_option
 from ovss_label.methods import METHODS, SAM_MODELS
 
 
@@ -202,30 +202,16 @@ def verify(names: tuple[str, ...]) -> None:
         raise SystemExit(1)
 
 
-_data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default="ovss-data",
-    show_default=True,
-    envvar="OVSS_DATA_DIR",
-    help="The server's data directory (serve --data-dir).",
-)
-
-
 def _version_store(data_dir: Path) -> Any:
     """The data directory's versions store; a ClickException when it holds no server data."""
     from ovss_label.backend.learning.versions import VersionStore
-    from ovss_label.backend.store import events_path
 
-    path = events_path(data_dir)
-    if not path.exists():
-        raise click.ClickException(f"no server data in {data_dir} (serve --data-dir)")
-    return VersionStore(path, data_dir)
+    return VersionStore(server_database(data_dir), data_dir)
 
 
 @models.command("versions")
 @click.option("--project", type=int, required=True, help="The Label Studio project id.")
-@_data_dir_option
+@data_dir_option
 def versions(project: int, data_dir: Path) -> None:
     """List a project's trained versions, newest first: which is active (the one predictions
     use), which are pinned (pruning keeps them), their model_version and mIoU."""
@@ -251,7 +237,7 @@ def versions(project: int, data_dir: Path) -> None:
 @click.option("--project", type=int, required=True, help="The Label Studio project id.")
 @click.argument("version", required=False)
 @click.option("--zero-shot", is_flag=True, help="Deactivate: back to the zero-shot method.")
-@_data_dir_option
+@data_dir_option
 def activate(project: int, version: str | None, zero_shot: bool, data_dir: Path) -> None:
     """Make VERSION (e.g. v2) the project's active version: promotion by hand, or rollback to
     an older one. With --zero-shot instead, the project goes back to its zero-shot method.

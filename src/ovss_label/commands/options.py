@@ -12,6 +12,7 @@ one decorator per option group, so a flag has one name, one variable and one hel
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -52,3 +53,27 @@ def _with_group_flag(ctx: click.Context, param: click.Parameter, value: bool) ->
     reaches ``predict`` through click's context, not through ``os.environ``."""
     root = ctx.find_root()
     return bool(value) or (root is not ctx and bool(root.params.get(param.name or "tiny")))
+
+
+def data_dir_option(command: F) -> F:
+    """Adds ``--data-dir`` (parameter ``data_dir``): a server's data directory, read by the
+    commands that show or change what ``serve`` keeps there (jobs, versions)."""
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default="ovss-data",
+        show_default=True,
+        envvar="OVSS_DATA_DIR",
+        help="The server's data directory (serve --data-dir).",
+    )(command)
+
+
+def server_database(data_dir: Path) -> Path:
+    """The data directory's SQLite file; a ClickException when it holds no server data (a
+    typo must not create an empty ``ovss-data/``)."""
+    from ovss_label.backend.store import events_path
+
+    path = events_path(data_dir)
+    if not path.exists():
+        raise click.ClickException(f"no server data in {data_dir} (serve --data-dir)")
+    return path
