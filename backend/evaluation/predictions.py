@@ -79,14 +79,20 @@ class MethodPredictor:
         self.name, self.proposer, self.truth = name, proposer, truth
         self.cache, self.threshold = cache, threshold
         self.model_version = proposer.model_version
+        self.last_confidence: NDArray[Any] | None = None
+        """(H, W) the last predicted image's per-pixel confidence (``run.py`` counts it into
+        the method's reliability histogram, ``calibration.py``); None after a failure."""
 
     def needs_image(self, sample: Sample) -> bool:
         return True
 
     def predict(self, sample: Sample, image: NDArray[Any] | None) -> NDArray[np.uint8]:
         assert image is not None, "a method needs the image"
+        self.last_confidence = None
         proposal = propose(self.proposer, image, self.truth.vocabulary, self.cache)
-        return self.truth.to_labels(proposal_assignment(proposal, self.threshold))
+        labels = self.truth.to_labels(proposal_assignment(proposal, self.threshold))
+        self.last_confidence = proposal.top_confidence()
+        return labels
 
 
 def method_predictors(

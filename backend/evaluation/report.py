@@ -5,7 +5,8 @@
 - :func:`results_json`: ``{"dataset", "protocol", "classes", "images", "notes", "methods":
   {"<method>": {"model_version", "mIoU", "aAcc", "mAcc", "per_class": {"<class>": {"IoU",
   "Acc", "pixels"}}, "images", "failed"}}}``; fractions in [0, 1], null where undefined;
-  ``pixels`` is the class's labelled (scored) pixel count.
+  ``pixels`` is the class's labelled (scored) pixel count. A method (not a folder of PNGs)
+  also has ``"reliability"``: its confidence histogram and ECE (``calibration.py``).
 - :func:`write_charts`: ``per_class_iou.png`` (per-class IoU, methods side by side) and
   ``confusion_<method>.png`` (rows: true class, normalised to 1; columns: predicted class and
   "none"), drawn with matplotlib's Agg backend, each written whole or not at all.
@@ -51,6 +52,8 @@ def results_json(result: EvalResult) -> dict[str, Any]:
             "images": method.images,
             "failed": method.failed,
         }
+        if method.reliability is not None:
+            methods[name]["reliability"] = method.reliability.to_json()
     return {
         "dataset": result.dataset,
         "protocol": result.protocol or None,

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..jobs import JobReport, NoProgress, Progress
+from .calibration import Reliability
 from .groundtruth import GroundTruth, Sample
 from .metrics import IGNORE_INDEX, ConfusionMatrix, check_label_map
 from .predictions import Predictor
@@ -37,6 +38,8 @@ class MethodResult:
     matrix: ConfusionMatrix
     images: int = 0
     failed: int = 0
+    reliability: Reliability | None = None
+    """Confidence against correctness, for predictors that report a confidence (methods)."""
 
 
 @dataclass
@@ -102,9 +105,22 @@ def _score_sample(
         try:
             prediction = predictor.predict(sample, image)
             result.matrix.update(labels, prediction)
+            _count_confidence(result, predictor, labels, prediction)
         except READ_ERRORS as exc:
             _failed(result, labels, report, sample.id, exc)
         result.images += 1
+
+
+def _count_confidence(
+    result: MethodResult, predictor: Predictor, labels: NDArray[Any], prediction: NDArray[Any]
+) -> None:
+    """Adds the image to the method's reliability histogram when it gave a confidence."""
+    confidence = getattr(predictor, "last_confidence", None)
+    if confidence is None:
+        return
+    if result.reliability is None:
+        result.reliability = Reliability()
+    result.reliability.update(confidence, labels, prediction)
 
 
 def _failed(

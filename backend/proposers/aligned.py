@@ -47,6 +47,7 @@ from .base import (
     with_hidden_background,
 )
 from .cache import FeatureCache, image_key
+from .confidence import read_calibration
 
 TEMPLATE = "a photo of a {}."
 REVISION = 1
@@ -111,7 +112,8 @@ class FmbsegProposer(Proposer):
         probs = self.head.probabilities(similarities, features.image_hw)
         assignment = probs.argmax(dim=0).numpy().astype(np.int16) - int(hidden)
         scores = (probs[1:] if hidden else probs).numpy().astype(np.float32)
-        return Proposal(vocabulary.names, scores, assignment)
+        confidence = probs.max(dim=0).values.numpy().astype(np.float32)  # hidden class too
+        return Proposal(vocabulary.names, scores, assignment, confidence=confidence)
 
 
 def _check_trained_with(head: Head, key: str, model: Any, found: str, what: str) -> None:
@@ -179,7 +181,10 @@ def plan_fmbseg(
     def build(pool: ModelPool, cache: FeatureCache | None) -> FmbsegProposer:
         clip = pool.load(text)
         loaded = load_head(path)
-        return FmbsegProposer(pool.load(backbone), pool.text_encoder(clip), loaded, head_id, config)
+        proposer = FmbsegProposer(pool.load(backbone), pool.text_encoder(clip), loaded, head_id,
+                                  config)  # fmt: skip
+        proposer.calibration = read_calibration(path.parent)  # written by a learning job
+        return proposer
 
     weights = [backbone.weight_id("backbone"), text.weight_id("text")]
     return MethodPlan("fmbseg", fmbseg_identity(config, weights, head_id), build)

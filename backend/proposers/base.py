@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 from numpy.typing import NDArray
 
@@ -40,6 +41,7 @@ from ..models.pool import ModelPool
 
 if TYPE_CHECKING:
     from .cache import FeatureCache
+    from .confidence import Calibration
 
 # A class named BACKGROUND (any case: ontologies.is_background) scores like the others but
 # never becomes an instance.
@@ -78,12 +80,16 @@ class Proposal:
         assignment: (H, W) int16 class index per pixel, -1 where the method assigns no class;
             None lets post-processing decide from ``scores``.
         instances: Instances the method already drew (e.g. SAM masks), or None.
+        confidence: (H, W) float32 in [0, 1]: the probability of the method's own decision at
+            each pixel, for methods whose decision is not the top of ``scores`` (a hidden
+            background class); None: ``scores.max(0)``. Read by ``top_confidence``.
     """
 
     labels: tuple[str, ...]
     scores: NDArray[Any]
     assignment: NDArray[Any] | None = None
     instances: list[Instance] | None = None
+    confidence: NDArray[Any] | None = None
 
     def __post_init__(self) -> None:
         k = len(self.labels)
@@ -91,6 +97,19 @@ class Proposal:
             raise ValueError(f"scores must be ({k}, H, W), got {self.scores.shape}")
         if self.assignment is not None and self.assignment.shape != self.scores.shape[1:]:
             raise ValueError(f"assignment {self.assignment.shape} != {self.scores.shape[1:]}")
+        if self.confidence is not None and self.confidence.shape != self.scores.shape[1:]:
+            raise ValueError(f"confidence {self.confidence.shape} != {self.scores.shape[1:]}")
+
+    def top_confidence(self) -> NDArray[Any]:
+        """(H, W) float32: how sure the method is of each pixel's decision (``confidence``,
+        else the best class score); what a prediction's ``score`` is made of
+        (``confidence.py``)."""
+        if self.confidence is not None:
+            return self.confidence
+        if self.scores.shape[0] == 0:
+            return np.zeros(self.scores.shape[1:], np.float32)
+        top: NDArray[Any] = self.scores.max(axis=0)
+        return top
 
 
 def with_hidden_background(vocabulary: Vocabulary) -> tuple[Vocabulary, bool]:
@@ -145,6 +164,9 @@ class Proposer(ABC):
     """One open-vocabulary segmentation method (module docstring)."""
 
     name: str = ""
+    calibration: Calibration | None = None
+    """Maps raw confidence to accuracy for the prediction ``score`` (``confidence.py``); set
+    from ``calibration.json`` beside a trained head, None for zero-shot methods."""
 
     @property
     @abstractmethod

@@ -178,11 +178,15 @@ class NaclipProposer(Proposer):
         bg = _background_index(vocab)
         probs, pred = self._postprocess(logits, query_idx, self._threshold(bg), bg)
         probs, pred = probs.cpu(), pred.cpu()
-        if hidden_bg:
+        confidence = None
+        if hidden_bg:  # the hidden class's pixels are decided too: their confidence counts
+            top = frames.to_original(probs.max(dim=0).values[None])[0].clamp_(0, 1)
+            confidence = top.numpy().astype(np.float32, copy=False)
             probs, pred = probs[1:], pred - 1  # hidden background -> index -1 (no label)
         scores = frames.to_original(probs).clamp_(0, 1).cpu().numpy()
         assignment = _nearest(pred, frames.original).numpy().astype(np.int16)
-        return Proposal(vocabulary.names, scores.astype(np.float32, copy=False), assignment)
+        return Proposal(vocabulary.names, scores.astype(np.float32, copy=False), assignment,
+                        confidence=confidence)  # fmt: skip
 
     def _refined_logits(
         self, features: Features, text: torch.Tensor, vocab: Vocabulary

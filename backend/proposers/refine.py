@@ -129,6 +129,8 @@ class SamRefined(Proposer):
         self.config = _checked(config or RefineConfig())
         self.sam_encoder = SamEncoder(sam)
         self.name = f"{dense.name}+sam"
+        # The dense method's confidence is the raw score here too (``confidence.py``).
+        self.calibration = dense.calibration
 
     @property
     def identity(self) -> ModelIdentity:

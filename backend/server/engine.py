@@ -61,6 +61,7 @@ from ..proposers import (
     proposal_to_instances,
     propose,
 )
+from ..proposers.confidence import task_score
 from ..store import events_path
 from .choice import Choice, Chooser, ProposerCache
 from .events import EventStore
@@ -282,6 +283,7 @@ class Engine:
             proposal = propose(proposer, image, project.vocabulary, self.cache)
             post = PostprocessConfig(min_score=project.min_score)  # the project's threshold
             instances = proposal_to_instances(proposal, post)
+            score = task_score(proposal, proposer.calibration)
             for instance in instances if label is not None else []:
                 instance.label = label
         except Exception as exc:  # any failure stays this task's: the batch must go on
@@ -291,10 +293,9 @@ class Engine:
                 return None
             log.warning("task %s: no prediction: %s", task_id, reason)
             return self._empty(project.method, head)
-        scores = [i.score for i in instances if i.score is not None]
         return {
             "result": project.output.results(instances, post.min_area),
-            "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+            "score": round(score, 4),
             "model_version": proposer.model_version,
         }
 

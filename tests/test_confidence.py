@@ -1,0 +1,152 @@
+"""Prediction scores (backend/proposers/confidence.py) and the reliability histogram they are
+calibrated from (backend/evaluation/calibration.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_server import _predict_body, _task, server  # noqa: F401 - the fixture
+
+from ovss_label.backend.evaluation.calibration import BINS, Reliability
+from ovss_label.backend.proposers import Proposal
+from ovss_label.backend.proposers.base import Proposer
+from ovss_label.backend.proposers.confidence import (
+    Calibration,
+    fit_calibration,
+    read_calibration,
+    task_score,
+)
+
+
+def test_the_fit_pools_adjacent_violators_by_pixel_weight():
+    # Bins 2 and 3 violate the order (0.4 then 0.3): pooled, weighted 10:30.
+    fitted = fit_calibration([0.1, 0.3, 0.5, 0.7], [0.2, 0.4, 0.3, 0.9], [10, 10, 30, 10])
+    assert fitted.knots == (0.1, 0.3, 0.5, 0.7)
+    assert fitted.accuracy == pytest.approx((0.2, 0.325, 0.325, 0.9))
+    assert fitted.pixels == 60
+    # Between knots linear, beyond the ends constant.
+    values = fitted(np.array([0.0, 0.2, 0.4, 0.6, 1.0]))
+    assert values == pytest.approx([0.2, 0.2625, 0.325, 0.6125, 0.9])
+
+
+def test_the_fit_leaves_empty_bins_out_and_needs_pixels():
+    fitted = fit_calibration([0.1, float("nan"), 0.9], [0.5, float("nan"), 0.8], [5, 0, 5])
+    assert fitted.knots == (0.1, 0.9) and fitted.accuracy == (0.5, 0.8)
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        fit_calibration([0.5], [0.5], [0])
+
+
+@pytest.mark.parametrize(
+    "knots, accuracy, message",
+    [((0.5, 0.4), (0.1, 0.2), "increase"), ((0.1, 0.2), (0.3, 0.2), "not decrease"),
+     ((0.1, 1.2), (0.1, 0.2), r"\[0, 1\]"), ((), (), "at least one")],
+)  # fmt: skip
+def test_a_calibration_is_checked(knots, accuracy, message):
+    with pytest.raises(ValueError, match=message):
+        Calibration(knots, accuracy)
+
+
+def test_a_calibration_file_round_trips_and_a_bad_one_is_named(tmp_path):
+    made = fit_calibration([0.2, 0.6], [0.3, 0.7], [4, 6], images=2)
+    (tmp_path / "calibration.json").write_text(json.dumps(made.to_json()))
+    assert read_calibration(tmp_path) == made
+    assert read_calibration(tmp_path / "elsewhere") is None
+    (tmp_path / "calibration.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match=r"calibration\.json"):
+        read_calibration(tmp_path)
+
+
+def test_the_histogram_counts_labelled_pixels_by_confidence():
+    confidence = np.array([[0.04, 0.96], [0.5, 0.5], [1.0, 0.0]])
+    truth = np.array([[0, 1], [255, 1], [2, 2]], np.uint8)
+    prediction = np.array([[0, 0], [1, 1], [2, 255]], np.uint8)
+    found = Reliability()
+    found.update(confidence, truth, prediction)
+    assert found.pixels.sum() == 5  # the 255 ground-truth pixel is not scored
+    assert (found.pixels[0], found.correct[0]) == (2, 1)  # 0.04 right, 0.0 no prediction
+    assert (found.pixels[10], found.correct[10]) == (1, 1)
+    assert (found.pixels[BINS - 1], found.correct[BINS - 1]) == (2, 1)  # 0.96 wrong, 1.0 right
+    # ECE by hand: bin 0 (acc 0.5, conf 0.02), bin 10 (1, 0.5), bin 19 (0.5, 0.98).
+    expected = (2 * abs(0.5 - 0.02) + 1 * abs(1 - 0.5) + 2 * abs(0.5 - 0.98)) / 5
+    assert found.ece() == pytest.approx(expected)
+    assert Reliability.from_json(found.to_json()).to_json() == found.to_json()
+
+
+def test_the_fitted_map_calibrates_unseen_pixels_of_an_over_confident_model():
+    """Pixels right with probability conf² (an over-confident model): the map fitted on one
+    sample brings the expected calibration error of another sample near zero."""
+    rng = np.random.default_rng(0)
+
+    def sample(n=200_000):
+        confidence = rng.uniform(0, 1, (1, n))
+        truth = np.zeros((1, n), np.uint8)
+        prediction = (rng.uniform(0, 1, (1, n)) >= confidence**2).astype(np.uint8)
+        return confidence, truth, prediction
+
+    fitting, unseen = Reliability(), Reliability()
+    fitting.update(*sample())
+    confidence, truth, prediction = sample()
+    unseen.update(confidence, truth, prediction)
+    calibrated = Reliability()
+    calibrated.update(fitting.fit()(confidence), truth, prediction)
+    assert unseen.ece() > 0.15
+    assert calibrated.ece() < 0.02
+
+
+def _quarter(proposer, image, vocabulary, cache):
+    """A proposal sure of the left quarter (0.9), unsure elsewhere (0.2)."""
+    h, w = image.shape[:2]
+    scores = np.full((len(vocabulary.names), h, w), 0.0, np.float32)
+    scores[0][:, : w // 4], scores[1][:, w // 4 :] = 0.9, 0.2
+    assignment = np.ones((h, w), np.int16)
+    assignment[:, : w // 4] = 0
+    return Proposal(tuple(vocabulary.names), scores, assignment)
+
+
+def test_the_score_is_the_mean_pixel_confidence_not_the_mean_instance_score():
+    proposal = _quarter(None, np.zeros((8, 8, 3), np.uint8), _Names(), None)
+    assert task_score(proposal) == pytest.approx(0.25 * 0.9 + 0.75 * 0.2)  # not (0.9 + 0.2) / 2
+    flat = Calibration((0.0, 1.0), (0.6, 0.6))
+    assert task_score(proposal, flat) == pytest.approx(0.6)
+    confident = Proposal(proposal.labels, proposal.scores, proposal.assignment,
+                         confidence=np.full((8, 8), 0.7, np.float32))  # fmt: skip
+    assert task_score(confident) == pytest.approx(0.7)  # the method's own decision counts
+
+
+class _Names:
+    names = ("cat", "dog")
+
+
+def test_predict_files_and_the_server_score_through_the_proposers_calibration(
+    server,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    import ovss_label.backend.predict as job
+    import ovss_label.backend.server.engine as engine_module
+
+    monkeypatch.setattr(job, "propose", _quarter)
+    monkeypatch.setattr(engine_module, "propose", _quarter)
+    client, _ = server
+    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])
+    raw = client.post("/predict", json=body).json()["results"][0]["score"]
+    assert raw == pytest.approx(round(0.25 * 0.9 + 0.75 * 0.2, 4))
+    # A trained version's map (what a learning job writes beside the head): 0.2 -> 0.1, 0.9 -> 0.8.
+    monkeypatch.setattr(Proposer, "calibration", Calibration((0.2, 0.9), (0.1, 0.8)))
+    calibrated = client.post("/predict", json=body).json()["results"][0]["score"]
+    assert calibrated == pytest.approx(round(0.25 * 0.8 + 0.75 * 0.1, 4))
+
+    from ovss_label.backend.predict import predict_files
+    from ovss_label.backend.proposers import create_proposer
+    from ovss_label.converters import ResultTargets
+    from ovss_label.ontologies import Vocabulary
+
+    photo = tmp_path / "p.png"
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(photo)
+    tasks, _ = predict_files(create_proposer("naclip", tiny=True), Vocabulary.from_labels("a, b"),
+                             [photo], output=ResultTargets(),
+                             url_for=lambda p: p.name)  # fmt: skip
+    assert tasks[0]["predictions"][0]["score"] == pytest.approx(calibrated)
