@@ -36,3 +36,31 @@ def test_the_jobs_command_reads_a_data_directory(tmp_path):
     assert "cancelled" in shown.output and "0/3" in shown.output
     empty = CliRunner().invoke(cli, ["jobs", "--data-dir", str(tmp_path), "--project", "8"])
     assert "no training jobs" in empty.output
+
+
+def test_a_jobs_report_is_served_from_the_data_directory_and_nothing_else(tmp_path):
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path))
+    client = TestClient(create_app(engine))
+    done = engine.jobs.enqueue(3)
+    engine.jobs.claim("worker-1", lease_seconds=60)
+    work = tmp_path / "runs" / f"job-{done.id}"
+    work.mkdir(parents=True)
+    (work / "report.json").write_text('{"job": 1, "state": "done"}')
+    (work / "report.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    engine.jobs.finish(
+        done.id, "worker-1", "done", result={"report": f"runs/job-{done.id}/report.json"}
+    )
+    answer = client.get(f"/jobs/{done.id}/report")
+    assert answer.status_code == 200 and answer.json() == {"job": 1, "state": "done"}
+    picture = client.get(f"/jobs/{done.id}/report.png")
+    assert picture.headers["content-type"] == "image/png"
+    assert picture.content.startswith(b"\x89PNG")
+    assert client.get(f"/jobs/{done.id}/log").status_code == 404
+    assert "no training job 99" in client.get("/jobs/99/report").json()["detail"]
+    queued = engine.jobs.enqueue(4)
+    assert "has no report (queued)" in client.get(f"/jobs/{queued.id}/report").json()["detail"]
+    # A result naming a file outside the data directory is never read.
+    (tmp_path.parent / "secret.json").write_text("{}")
+    engine.jobs.claim("worker-1", lease_seconds=60)
+    engine.jobs.finish(queued.id, "worker-1", "rejected", result={"report": "../secret.json"})
+    assert client.get(f"/jobs/{queued.id}/report").status_code == 404

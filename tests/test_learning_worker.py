@@ -77,3 +77,26 @@ def test_a_job_snapshots_trains_scores_and_promotes_a_version(tmp_path, monkeypa
     assert set(scored["methods"]) == {"naclip"}
     train_tasks = json.loads((work / "train.json").read_text())
     assert all("predictions" not in t for t in train_tasks)  # never trained on predictions
+    # The job's report: loss curve, the gate's per-class comparison, calibration; agreement
+    # needs Label Studio (unreachable here), so the report says it is missing.
+    assert result["report"] == f"runs/job-{job.id}/report.json"
+    report = json.loads((data / result["report"]).read_text())
+    assert (report["job"], report["project"], report["state"]) == (job.id, 5, "done")
+    assert report["loss"] and all(len(point) == 2 for point in report["loss"])
+    assert set(report["held_out"]) == {"candidate", "zero_shot"}  # no active version yet
+    assert set(report["held_out"]["candidate"]["per_class"]) == set(scored["classes"])
+    assert report["agreement"] is None and report["notes"] == ["agreement could not be measured"]
+    assert Image.open(work / "report.png").size[0] > 1000
+    # The candidate's confidence map, fitted on the held-out pixels, travels with its head.
+    calibration = report["calibration"]
+    assert calibration["pixels"] == sum(
+        c["pixels"] for c in json.loads((work / "eval-candidate.json").read_text())["methods"]
+        ["fmbseg"]["per_class"].values()
+    )  # fmt: skip
+    from ovss_label.backend.models.pool import ModelPool
+    from ovss_label.backend.proposers import method_plan
+    from ovss_label.backend.proposers.confidence import Calibration
+
+    installed = versions.head_path(active).parent
+    proposer = method_plan("fmbseg", head=str(installed), tiny=True).build(ModelPool("cpu"), None)
+    assert proposer.calibration == Calibration.from_json(calibration)

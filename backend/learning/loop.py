@@ -132,9 +132,7 @@ class LearningLoop:
         self._save(project, after_queued(state, now))
 
     def _state(self, project: int) -> TriggerState:
-        with closing(self._connect()) as db:
-            row = db.execute("SELECT state FROM triggers WHERE project = ?", (project,)).fetchone()
-        return TriggerState.from_dict(json.loads(row[0])) if row else TriggerState()
+        return _trigger_state(self.database, project)
 
     def _states(self) -> list[tuple[int, TriggerState]]:
         with closing(self._connect()) as db:
@@ -142,9 +140,37 @@ class LearningLoop:
         return [(int(p), TriggerState.from_dict(json.loads(s))) for p, s in rows]
 
     def _save(self, project: int, state: TriggerState) -> None:
-        with closing(self._connect()) as db:
-            db.execute(
-                "INSERT INTO triggers (project, state) VALUES (?, ?) ON CONFLICT(project) DO "
-                "UPDATE SET state = excluded.state",
-                (project, json.dumps(asdict(state))),
-            )
+        _save_trigger_state(self.database, project, state)
+
+
+def queue_training(
+    database: Path, project: int, reason: str, *, clock: Callable[[], float] = time.time
+) -> tuple[Job, bool]:
+    """Queues a training job for ``project`` from any process sharing the data directory
+    (``ovss-label train --project ID --queue``), as ``START_TRAINING`` does: the project's
+    trigger state is reset, so annotations already counted do not queue a second job. Returns
+    the job and whether it is new (False: the project's queued or running job, unchanged)."""
+    sqlite_file.create(database, TRIGGERS_SCHEMA)
+    jobs = JobStore(database, clock=clock)
+    newest = max((j.id for j in jobs.list(limit=1)), default=0)
+    job = jobs.enqueue(project, inputs={"trigger": reason})
+    created = job.id > newest  # else enqueue returned the project's active job
+    if created:
+        state = after_queued(_trigger_state(database, project), clock())
+        _save_trigger_state(database, project, state)
+    return job, created
+
+
+def _trigger_state(database: Path, project: int) -> TriggerState:
+    with closing(sqlite_file.connect(database)) as db:
+        row = db.execute("SELECT state FROM triggers WHERE project = ?", (project,)).fetchone()
+    return TriggerState.from_dict(json.loads(row[0])) if row else TriggerState()
+
+
+def _save_trigger_state(database: Path, project: int, state: TriggerState) -> None:
+    with closing(sqlite_file.connect(database)) as db:
+        db.execute(
+            "INSERT INTO triggers (project, state) VALUES (?, ?) ON CONFLICT(project) DO "
+            "UPDATE SET state = excluded.state",
+            (project, json.dumps(asdict(state))),
+        )

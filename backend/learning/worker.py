@@ -11,9 +11,15 @@ The steps of :func:`run_job` (docs: issue "continuous learning", README "Train o
    another attempt (``JobStore.release``), a cancel finishes it as cancelled.
 3. **Score** on the held-out tasks, each in a subprocess too (``ovss-label eval``): the
    candidate, the project's active version and the zero-shot method, on the same tasks.
-4. **Decide** (``gate.py``); a promotion installs the run (copy, fsync, rename), registers and
+4. **Calibrate**: the candidate's confidence-to-accuracy map, fitted on the held-out pixels,
+   goes beside its head (``run/calibration.json``, ``proposers/confidence.py``), so a promoted
+   version's prediction scores are calibrated. **Agreement**: ``eval --agreement`` on the
+   project measures how much annotators changed each version's proposals.
+5. **Decide** (``gate.py``); a promotion installs the run (copy, fsync, rename), registers and
    activates it in one transaction, then prunes old versions (``versions.py``). The job ends
-   ``done`` (promoted) or ``rejected``, with the gate's metrics and one-line reason.
+   ``done`` (promoted) or ``rejected``, with the gate's metrics, one-line reason and its
+   report (``report.py``: loss curve, per-class IoU of candidate / active / zero-shot,
+   calibration, agreement).
 
 The Label Studio key reaches subprocesses through their environment, never their command line
 (which every local user can read).
@@ -22,6 +28,7 @@ The Label Studio key reaches subprocesses through their environment, never their
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -29,12 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ovss_label.converters import write_json_atomic
+
+from ..evaluation.calibration import Reliability
 from ..evaluation.metrics import Scores
+from ..proposers.confidence import FILE_NAME as CALIBRATION_FILE
 from .gate import Decision, GateConfig, HeldOutScores, decide
 from .jobs import Job, JobStore
+from .report import job_report, reliability_of, write_job_report
 from .runner import PARENT_PID, run_in_subprocess
 from .snapshot import Snapshot, pull_snapshot, tasks_of
 from .versions import VersionStore
+
+log = logging.getLogger(__name__)
+
+TRAINED_METHOD = "fmbseg"
+"""The method a trained head is scored and served with (``server/choice.py``)."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +104,17 @@ def run_job(
     scores = _score_all(job, owner, jobs, versions, settings, files, run)
     if scores is None:
         return _stopped(job, owner, jobs, "scoring failed: see the job's logs")
+    reliability = reliability_of(work / "eval-candidate.json", TRAINED_METHOD)
+    _write_calibration(run, reliability)  # before _promote: installed with the head
+    if not _measure_agreement(job, owner, jobs, settings, work):
+        return _stopped(job, owner, jobs, "cancelled")
     decision = decide(*scores, len(snapshot.held_out), settings.gate, classes=_classes(files))
     if decision.promote:
         _promote(job, versions, settings, run, snapshot, decision)
-    result = {"snapshot": snapshot.digest, "held_out": len(snapshot.held_out), **decision.metrics}
     state = "done" if decision.promote else "rejected"
+    report = _report(job, state, decision.reason, settings, work, reliability)
+    result = {"snapshot": snapshot.digest, "held_out": len(snapshot.held_out),
+              **decision.metrics, "report": report}  # fmt: skip
     return jobs.finish(job.id, owner, state, result=result, reason=decision.reason)
 
 
@@ -154,8 +177,8 @@ def _score_all(
 ) -> tuple[HeldOutScores, HeldOutScores | None, HeldOutScores | None] | None:  # fmt: skip
     """(candidate, active, zero-shot) on the held-out tasks; None when one cannot be scored."""
     active = versions.active(job.project)
-    heads = {"candidate": ("fmbseg", run),
-             "active": ("fmbseg", versions.head_path(active)) if active else None,
+    heads = {"candidate": (TRAINED_METHOD, run),
+             "active": (TRAINED_METHOD, versions.head_path(active)) if active else None,
              "zero_shot": (settings.zero_shot, None)}  # fmt: skip
     found: dict[str, HeldOutScores | None] = {}
     for name, spec in heads.items():
@@ -182,6 +205,45 @@ def held_out_scores(path: Path, method: str) -> HeldOutScores:
     return HeldOutScores(scores, tuple(int(c["pixels"]) for c in per_class))
 
 
+def _write_calibration(run: Path, reliability: Reliability | None) -> None:
+    """``run/calibration.json``: the candidate's confidence-to-accuracy map fitted on the
+    held-out pixels (``proposers/confidence.py``); none without labelled pixels."""
+    if reliability is not None and reliability.pixels.sum() > 0:
+        write_json_atomic(run / CALIBRATION_FILE, reliability.fit().to_json(), indent=1)
+
+
+def _measure_agreement(
+    job: Job, owner: str, jobs: JobStore, settings: WorkerSettings, work: Path
+) -> bool:
+    """``eval --agreement`` on the project (how much annotators changed each version's
+    proposals) into ``work/agreement.json``, for the report. A failure only leaves the report
+    without it; False when the job was cancelled meanwhile."""
+    out = work / "agreement.json"
+    command = [*_cli(), "eval", "--agreement", "--project", str(job.project), "--json", str(out)]
+    code, _ = _subprocess(job, owner, jobs, settings, command, work / "agreement.log")
+    if code != 0:
+        out.unlink(missing_ok=True)
+    current = jobs.get(job.id)
+    return current is None or not current.cancel_requested
+
+
+def _report(
+    job: Job, state: str, reason: str, settings: WorkerSettings, work: Path,
+    reliability: Reliability | None,
+) -> str | None:  # fmt: skip
+    """Writes the job's report (``report.py``); its path relative to the data directory, or
+    None when it could not be written (logged: a chart must never fail a trained job)."""
+    methods = {"candidate": TRAINED_METHOD, "active": TRAINED_METHOD,
+               "zero_shot": settings.zero_shot}  # fmt: skip
+    try:
+        content = job_report(job, state, reason, work, methods, reliability)
+        path = write_job_report(work, content, reliability)
+    except Exception:  # reported and left out: the job's verdict stands
+        log.exception("training job %d: its report could not be written", job.id)
+        return None
+    return path.relative_to(settings.data_dir).as_posix()
+
+
 def _classes(files: dict[str, Path]) -> list[str] | None:
     out = files["held_out"].parent / "eval-candidate.json"
     return json.loads(out.read_text(encoding="utf-8"))["classes"] if out.exists() else None
@@ -197,7 +259,7 @@ def _promote(
 
     installed = versions.install(job.project, run, folder=f"job-{job.id}")
     head = installed / "head.safetensors"
-    version = method_plan("fmbseg", head=str(head), tiny=settings.tiny).identity.version
+    version = method_plan(TRAINED_METHOD, head=str(head), tiny=settings.tiny).identity.version
     registered = versions.register(job.project, installed, model_version=version,
                                    head_sha256=sha256_file(head), metrics=decision.metrics,
                                    job_id=job.id, snapshot=snapshot.digest)  # fmt: skip

@@ -1,7 +1,8 @@
 """Label Studio's ML-backend protocol over HTTP (FastAPI).
 
 Routes (docs/label_studio.md §1.1): ``GET /``, ``GET /health``, ``POST /setup``, ``POST /predict``,
-``POST /webhook``, ``GET /versions``. Why FastAPI + uvicorn: maintained, async routes that
+``POST /webhook``, ``GET /versions``, ``GET /jobs`` and a job's report (``GET /jobs/<id>/report``,
+``/jobs/<id>/report.png``). Why FastAPI + uvicorn: maintained, async routes that
 answer ``/health`` and ``/webhook`` at once while predictions run in the engine's bounded
 executors, and a test client; the upstream Flask 1.1 stack (``label-studio-ml`` 1.0.9 on PyPI)
 is unmaintained.
@@ -25,10 +26,11 @@ import hmac
 import json
 import logging
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from ovss_label import __version__
 
@@ -37,6 +39,9 @@ from .engine import Engine
 from .events import TRAINING_ACTIONS, event_ids
 
 log = logging.getLogger(__name__)
+
+REPORT_FILES = {"report": (".json", "application/json"), "report.png": (".png", "image/png")}
+"""A job's report files under ``/jobs/<id>/``: suffix and media type."""
 
 
 def _authorised(request: Request, engine: Engine) -> bool:
@@ -134,7 +139,35 @@ def create_app(engine: Engine) -> FastAPI:
         )
         return {"jobs": [job.to_dict() for job in found]}
 
+    @app.get("/jobs/{job_id}/{name}")
+    async def job_report(job_id: int, name: str) -> FileResponse:
+        """A job's report (``learning/report.py``): ``report`` (JSON) or ``report.png``."""
+        path, media = await asyncio.get_running_loop().run_in_executor(
+            engine.control, _report_file, engine, job_id, name
+        )
+        return FileResponse(path, media_type=media)
+
     return app
+
+
+def _report_file(engine: Engine, job_id: int, name: str) -> tuple[Path, str]:
+    """A job's report file ``name`` and its media type (the report's path is in the job's
+    result, relative to the data directory, and must stay inside it); 404 with one line
+    otherwise."""
+    if name not in REPORT_FILES:
+        raise HTTPException(404, f"a job has {' and '.join(REPORT_FILES)}, not {name!r}")
+    suffix, media = REPORT_FILES[name]
+    job = engine.jobs.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no training job {job_id}")
+    relative = (job.result or {}).get("report")
+    if not isinstance(relative, str):
+        raise HTTPException(404, f"training job {job_id} has no report ({job.state.value})")
+    root = engine.settings.data_dir.resolve()
+    path = (root / relative).with_suffix(suffix).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise HTTPException(404, f"training job {job_id}: its report file is gone")
+    return path, media
 
 
 def _store_event(engine: Engine, raw: bytes) -> tuple[int, dict[str, Any]]:

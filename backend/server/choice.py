@@ -25,12 +25,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ..learning.versions import Version, VersionStore
+from ..learning.worker import TRAINED_METHOD
 from ..proposers import Proposer
 
 log = logging.getLogger(__name__)
 
-TRAINED_METHOD = "fmbseg"
-"""The method that serves a trained version (its head is the version's artifact)."""
 
 MAX_HEAD_PROPOSERS = 4
 """Head-specific proposers kept built: a few projects' active heads at once (module docstring)."""

@@ -59,7 +59,7 @@ def write_training_report(
     digest: str,
 ) -> dict[str, Any]:
     """Scores both modules, writes ``report.json`` and ``report.png``; returns the report."""
-    losses = _losses(run_dir / "metrics.jsonl")
+    losses = read_losses(run_dir / "metrics.jsonl")
     report = {
         "head": digest,
         "dataset": inputs.dataset.digest,
@@ -75,7 +75,8 @@ def write_training_report(
     return report
 
 
-def _losses(path: Path) -> list[tuple[int, float]]:
+def read_losses(path: Path) -> list[tuple[int, float]]:
+    """(step, loss) per line of a run's ``metrics.jsonl``; [] when there is none."""
     out = []
     for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
         record = json.loads(line)

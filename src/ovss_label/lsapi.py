@@ -62,6 +62,33 @@ def attach_predictions(
     return [{**task, "predictions": by_task.get(task.get("id"), [])} for task in tasks]
 
 
+UNCERTAINTY_SAMPLING = "Uncertainty sampling"
+"""Label Studio's ``Project.sampling`` value that serves the least confident task first."""
+
+
+def order_by_uncertainty(client: Any, project_id: int, model_version: str) -> None:
+    """Makes Label Studio serve the project's tasks least confident first: ``sampling`` =
+    "Uncertainty sampling" and the project's ``model_version`` = ``model_version``.
+
+    Label Studio 1.23 (``projects/functions/next_task.py``) orders by ``predictions__score``
+    only among predictions whose ``model_version`` equals the project's; connecting an ML
+    backend sets the project's to the backend's *title*, which no prediction carries, so
+    without this the order is random. The project's version must be one its predictions carry
+    (Label Studio refuses any other), so this runs after predictions were stored. Side effect
+    (Label Studio's): with a prediction version selected, it shows the stored predictions
+    rather than asking the backend when a task opens.
+    """
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        client.projects.update(id=project_id, sampling=UNCERTAINTY_SAMPLING,
+                               model_version=model_version)  # fmt: skip
+    except ApiError as err:
+        raise LabelStudioError(_explain(err, project_id)) from err
+    except httpx.HTTPError as err:
+        raise LabelStudioError(f"cannot reach Label Studio: {err}") from err
+
+
 def _explain(err: Any, project_id: int) -> str:
     status = getattr(err, "status_code", None)
     if status == 401:
