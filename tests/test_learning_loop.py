@@ -106,3 +106,21 @@ def test_learning_needs_label_studio(tmp_path):
 
     with pytest.raises(ValueError, match="--learn needs LABEL_STUDIO_URL"):
         learning_loop(ServerSettings(tiny=True, data_dir=tmp_path, learn=True))
+
+
+def test_a_job_queued_from_another_process_resets_the_counted_annotations(setup):
+    """``ovss-label train --project ID --queue``: one job, and the annotations counted before
+    it do not queue a second one once the first has run."""
+    from ovss_label.backend.learning.loop import queue_training
+
+    loop, clock, ran = setup
+    for annotation in (1, 2, 3):
+        loop.on_webhook("ANNOTATION_CREATED", 7, [annotation])
+    job, created = queue_training(loop.database, 7, "command line", clock=clock)
+    assert created and job.inputs == {"trigger": "command line"} and job.state.value == "queued"
+    again, created_again = queue_training(loop.database, 7, "command line", clock=clock)
+    assert again.id == job.id and not created_again
+    clock.now += 60
+    assert loop.tick().id == job.id and ran == [job.id]
+    clock.now += 60
+    assert loop.tick() is None and len(loop.jobs.list(7)) == 1  # nothing new since
