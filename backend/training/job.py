@@ -10,6 +10,10 @@
    hidden background too).
 4. **Training** (``train.py``), resumable; the head records the backbone, input size and text
    model it needs (``head_fingerprints``).
+
+Under torchrun (``distributed.py``) rank 0 loads the models (downloading what is missing) and
+writes the features and the training set while the other ranks wait; they then load the same
+files and read the training set rank 0 wrote, and every rank uses rank 0's text prototypes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from ..models.pool import ModelPool, WeightRef
 from ..proposers import method_plan
 from ..proposers.base import with_background_names
 from ..store import cache_dir
-from .data import build_training_set, class_prototypes
+from .data import TrainingSet, build_training_set, class_prototypes
+from .distributed import World
 from .features import FeatureStore
 from .model import AlignmentConfig
 from .train import RunInputs, TrainConfig, train
@@ -60,17 +65,28 @@ def run_training(
     pool: ModelPool,
     features_dir: Path | None = None,
     progress: tuple[Progress, Progress] | None = None,
+    world: World | None = None,
 ) -> tuple[JobReport, JobReport]:
-    """Features then training (module docstring): the two jobs' reports.
+    """Features then training (module docstring): the two jobs' reports (on rank 0; the
+    others' feature report is empty).
 
-    ``progress``: one for the feature pass, one for the training steps.
+    ``progress``: one for the feature pass, one for the training steps. ``world``: the
+    torchrun processes and the device to train on (``distributed.setup``); None: one process
+    training on the CPU.
     """
     prepare, steps = progress if progress is not None else (None, None)
-    dinov2 = pool.load(WeightRef(models.backbone, models.checkpoint, models.tiny))
-    clip = pool.load(WeightRef(models.text, models.text_checkpoint, models.tiny))
-    store = FeatureStore(features_dir or cache_dir() / "features").bind(dinov2, models.short_side)
-    dataset, built = build_training_set(truth, run_dir / "data", store, progress=prepare)
+    world = world or World()
+    with world.main_first():  # rank 0 downloads and encodes; the others find the files ready
+        dinov2 = pool.load(WeightRef(models.backbone, models.checkpoint, models.tiny))
+        clip = pool.load(WeightRef(models.text, models.text_checkpoint, models.tiny))
+        root = features_dir or cache_dir() / "features"
+        store = FeatureStore(root).bind(dinov2, models.short_side)
+        if world.is_main:
+            dataset, built = build_training_set(truth, run_dir / "data", store, progress=prepare)
+        else:  # rank 0's set exactly, even if an image failed there for a passing reason
+            dataset, built = TrainingSet.read(run_dir / "data"), JobReport("features")
     prototypes = class_prototypes(pool.text_encoder(clip), prompt_vocabulary(truth))
+    prototypes = world.broadcast(prototypes)  # one loss on every rank, whatever its GPU
     inputs = RunInputs(
         dataset=dataset,
         tokens=lambda item: store.load(item.feature_key),
@@ -78,7 +94,7 @@ def run_training(
         fingerprints=head_fingerprints(dinov2, clip, models),
         module=module_config(dinov2.embed_dim, int(prototypes.shape[1])),
     )
-    return built, train(inputs, config, run_dir, progress=steps)
+    return built, train(inputs, config, run_dir, progress=steps, world=world)
 
 
 def module_config(in_dim: int, out_dim: int) -> AlignmentConfig:

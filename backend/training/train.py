@@ -8,6 +8,12 @@ patch sample is drawn from ``seed`` and the step; the checkpoint holds the momen
 the scheduler and torch's random state. So a run killed at any point and rerun from its last
 checkpoint ends on exactly the head an uninterrupted run ends on (``tests/test_train.py``).
 
+Under ``torchrun`` (``distributed.py``) every process draws the same global batch and patch
+sample, embeds its share of the images and gathers the others' with gradient, so each
+computes the whole batch's loss and the update is the single-process one (``_step`` says why),
+up to float rounding (``tests/test_train_ddp.py``). Rank 0 alone writes files; every rank
+resumes from the same checkpoint, and a run may be resumed with another number of processes.
+
 Outputs in ``RUN_DIR``: ``checkpoint.safetensors`` (every ``checkpoint_every`` steps and every
 epoch), ``metrics.jsonl`` (one line per step: epoch, step, loss and its two terms, learning
 rate), ``head.safetensors`` (the trained head, ``head.py``), ``report.json`` and
@@ -28,6 +34,7 @@ import torch
 from ..jobs import JobReport, NoProgress, Progress
 from .checkpoint import read_checkpoint, restore, save_checkpoint
 from .data import TrainingSet, TrainItem, split_items
+from .distributed import World, gather_rows
 from .loss import ContrastiveLossConfig, contrastive_loss
 from .model import AlignmentConfig, AlignmentModule
 
@@ -95,28 +102,36 @@ def train(
     *,
     progress: Progress | None = None,
     after_step: Callable[[int], None] | None = None,
+    world: World | None = None,
 ) -> JobReport:
-    """Trains (or resumes) the head in ``run_dir``; ``report.result`` is the report dict.
+    """Trains (or resumes) the head in ``run_dir``; ``report.result`` is the report dict
+    (None on ranks other than 0).
+
+    ``world``: the torchrun processes, each calling this with the same arguments, and the
+    device to train on; None: one process on the CPU.
 
     Raises:
         ValueError: ``run_dir`` holds a run with other settings or data (never overwritten).
     """
+    world = world or World()
     run_dir.mkdir(parents=True, exist_ok=True)
     train_items, held_items = split_items(inputs.dataset.items, config.held_out)
     torch.manual_seed(config.seed)
-    module = AlignmentModule(inputs.module)
+    module = AlignmentModule(inputs.module).to(world.device)  # the CPU: the same object
     optimizer = torch.optim.SGD(module.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)  # fmt: skip
     batches = math.ceil(len(train_items) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * batches)
     identity = _identity(inputs, config)
     step, first_epoch, start = _resume(run_dir, identity, module, optimizer, scheduler)
+    world.check_same([step, identity["dataset"]], "the step and data to resume from")
+    model = world.wrap(module)  # DDP, after the resume: it starts from the checkpoint's weights
     report = JobReport(f"train {run_dir.name}", skipped=step)
     progress = progress or NoProgress()
     progress.total(config.epochs * batches)
     for _ in range(step):
         progress.advance()
-    log = _Metrics(run_dir / "metrics.jsonl", keep_until=step)
+    log = _Metrics(run_dir / "metrics.jsonl", keep_until=step, enabled=world.is_main)
     module.train()
     for epoch in range(first_epoch, config.epochs):
         order = _epoch_order(len(train_items), config.seed, epoch)
@@ -124,54 +139,89 @@ def train(
             chosen = [
                 train_items[i] for i in order[index * config.batch_size :][: config.batch_size]
             ]
-            parts = _step(module, optimizer, chosen, inputs, config, step)
+            parts = _step(model, optimizer, chosen, inputs, config, step, world)
             scheduler.step()
             step += 1
             report.done += 1
             log.write(epoch=epoch, step=step, lr=scheduler.get_last_lr()[0], **parts)
             progress.advance(f"epoch {epoch + 1} loss {parts['loss']:.4f}")
             position = {"step": step, "epoch": epoch, "batch": index + 1}
-            if step % config.checkpoint_every == 0 or index + 1 == batches:
+            due = step % config.checkpoint_every == 0 or index + 1 == batches
+            if due and world.is_main:
                 save_checkpoint(run_dir, module, optimizer, scheduler, {**identity, **position})
             if after_step is not None:
                 after_step(step)
         start = 0
-    report.result = _finish(run_dir, module, inputs, config, held_items, identity)
+    if world.is_main:
+        report.result = _finish(run_dir, module.cpu(), inputs, config, held_items, identity)
     report.outputs.update(head=run_dir / "head.safetensors", report=run_dir / "report.json")
+    world.barrier()  # every rank returns once the head is written
     return report
 
 
 def _step(
-    module: AlignmentModule,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     items: Sequence[TrainItem],
     inputs: RunInputs,
     config: TrainConfig,
     step: int,
+    world: World,
 ) -> dict[str, float]:
-    """One SGD step on a batch of images; the loss's terms as floats."""
-    tokens, labels, padding = _batch(items, inputs)
-    z = module(tokens, padding)  # (B, N, E)
-    keep = (labels != 255) & ~padding
-    z, y = z[keep], labels[keep].long()
-    if len(y) > config.max_patches:  # a seeded sample: the same on a resumed run
+    """One SGD step on a batch of images (every rank: the same batch); the loss's terms as
+    floats."""
+    z, y = _embed(model, items, inputs, world)  # (M, E), (M,)
+    if len(y) > config.max_patches:  # a seeded sample: the same on a resumed run, every rank
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         pick = torch.randperm(len(y), generator=generator)[: config.max_patches]
         z, y = z[pick], y[pick]
     optimizer.zero_grad(set_to_none=True)
     if len(y) < 2:
         return {"loss": 0.0, "loss_pt": 0.0, "loss_pp": 0.0, "patches": float(len(y))}
-    loss = contrastive_loss(z, y, inputs.prototypes, config.loss)
+    loss = contrastive_loss(z, y, inputs.prototypes.to(z), config.loss)
+    # Under DDP every rank computes this same L on the whole batch's patches. The gather's
+    # backward sums the ranks' gradients for each share (distributed.gather_rows), so rank r's
+    # gradient is W · ∂L/∂z_r · ∂z_r/∂θ (z_r: the rows of its images); DDP then averages the
+    # W ranks': (1/W) Σ_r W · ∂L/∂z_r · ∂z_r/∂θ = ∂L/∂θ, one process's gradient, since the
+    # shares partition the batch. (Averaging per-rank losses would be another loss, each
+    # patch contrasted with its own rank's patches only; a gather without gradient, ∂L/∂θ / W.)
     loss.total.backward()  # type: ignore[no-untyped-call]
     optimizer.step()
     return {"loss": float(loss.total.detach()), "loss_pt": float(loss.patch_text.detach()),
             "loss_pp": float(loss.patch_patch.detach()), "patches": float(len(y))}  # fmt: skip
 
 
+def _embed(
+    model: torch.nn.Module, items: Sequence[TrainItem], inputs: RunInputs, world: World
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's labelled patches, image after image in batch order: unit embeddings (M, E)
+    float and labels (M,) int64 (unlabelled and padded patches left out)."""
+    if not world.ddp:
+        tokens, labels, padding = _batch(items, inputs, world.device)
+        z = model(tokens, padding)  # (B, N, E)
+        keep = (labels != 255) & ~padding
+        return z[keep], labels[keep].long()
+    # Each rank embeds a contiguous share of the images (attention never crosses images, so an
+    # image's patches do not depend on its batch-mates) and the shares are gathered in rank
+    # order, which is batch order: every rank holds the (M, E) one process would.
+    per_image = [torch.from_numpy(inputs.dataset.labels(item)).flatten() for item in items]
+    counts = [int((y != 255).sum()) for y in per_image]
+    shares = world.shares(len(items))
+    start, stop = shares[world.rank]
+    # A rank with no image (a batch smaller than the world) embeds a stand-in and keeps none
+    # of it: DDP needs a forward and backward reaching every parameter on every rank.
+    tokens, local, padding = _batch(items[start:stop] or items[:1], inputs, world.device)
+    z = model(tokens, padding)  # (b, N, E), b: this rank's images
+    keep = (local != 255) & ~padding & (stop > start)
+    rows = gather_rows(z[keep], [sum(counts[a:b]) for a, b in shares])
+    return rows, torch.cat([y[y != 255] for y in per_image]).long().to(world.device)
+
+
 def _batch(
-    items: Sequence[TrainItem], inputs: RunInputs
+    items: Sequence[TrainItem], inputs: RunInputs, device: str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens (B, N, D) padded, labels (B, N) uint8 (255 = ignored), padding (B, N) bool."""
+    """Tokens (B, N, D) padded, labels (B, N) uint8 (255 = ignored), padding (B, N) bool, on
+    ``device``."""
     flat = [inputs.tokens(item).flatten(0, 1).float() for item in items]
     labels = [torch.from_numpy(inputs.dataset.labels(item)).flatten() for item in items]
     n = max(t.shape[0] for t in flat)
@@ -182,7 +232,7 @@ def _batch(
         if t.shape[0] != y.shape[0]:
             raise ValueError(f"{items[b].id}: {t.shape[0]} patch tokens, {y.shape[0]} labels")
         tokens[b, : len(t)], targets[b, : len(y)], padding[b, : len(t)] = t, y, False
-    return tokens, targets, padding
+    return tokens.to(device), targets.to(device), padding.to(device)
 
 
 def _epoch_order(count: int, seed: int, epoch: int) -> list[int]:
@@ -229,15 +279,20 @@ def _resume(
 
 class _Metrics:
     """``metrics.jsonl``, one line per step; a resumed run first drops the lines its killed
-    predecessor wrote after the checkpoint it resumes from."""
+    predecessor wrote after the checkpoint it resumes from. Disabled: writes nothing (the
+    ranks other than 0)."""
 
-    def __init__(self, path: Path, keep_until: int) -> None:
-        self.path = path
+    def __init__(self, path: Path, keep_until: int, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
         kept = [line for line in lines if _step_of(line) <= keep_until]
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, **values: Any) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(values) + "\n")
 
