@@ -203,3 +203,31 @@ def test_the_server_runs_fmbseg_with_its_configured_head(trained, tmp_path, monk
     assert engine.model_version("fmbseg+sam").startswith("fmbseg+sam·")
     bare = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "2"))
     assert bare.model_version("fmbseg") == "fmbseg·unavailable"  # no head: said, not a crash
+
+
+def test_train_queue_hands_a_project_to_the_servers_job_table(tmp_path):
+    from ovss_label.backend.learning.jobs import JobStore
+    from ovss_label.backend.store import events_path
+
+    data = tmp_path / "data"
+    missing = CliRunner().invoke(
+        cli, ["train", "--project", "7", "--queue", "--data-dir", str(data)]
+    )
+    assert missing.exit_code != 0 and "no server data" in missing.output  # a typo makes nothing
+    jobs = JobStore(events_path(data))
+    argv = ["train", "--project", "7", "--queue", "--data-dir", str(data)]
+    queued = CliRunner().invoke(cli, argv)
+    assert queued.exit_code == 0, queued.output
+    [job] = jobs.list(7)
+    assert (job.state.value, job.inputs) == ("queued", {"trigger": "command line"})
+    assert f"queued training job {job.id} for project 7" in queued.output
+    again = CliRunner().invoke(cli, argv)
+    assert f"already has training job {job.id} (queued)" in again.output and len(jobs.list()) == 1
+    settings = CliRunner().invoke(cli, [*argv, "--epochs", "3"])
+    assert (
+        settings.exit_code == 2 and "--train-option settings apply, not --epochs" in settings.output
+    )
+    alone = CliRunner().invoke(cli, ["train", "--queue", "--data-dir", str(data)])
+    assert alone.exit_code == 2 and "--queue needs --project" in alone.output
+    no_run = CliRunner().invoke(cli, ["train", "--project", "7"])
+    assert no_run.exit_code == 2 and "-o RUN_DIR is needed" in no_run.output
