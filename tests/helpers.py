@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
@@ -126,3 +129,25 @@ def half_and_half(proposer, image, vocabulary, cache):
     assignment[:, w // 2 :] = 1
     scores[0][assignment == 0], scores[1][assignment == 1] = 0.9, 0.2
     return Proposal(tuple(vocabulary.names), scores, assignment)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a server started next takes it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(url: str, seconds: float, process: subprocess.Popen) -> None:
+    """Until ``url`` answers 200; raises if ``process`` exits or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import REAL_ENV, REAL_HOME, private_env
+from helpers import free_port, wait_for
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
@@ -48,27 +48,6 @@ WATCHED = (".cache/ovss-label", ".cache/huggingface", ".cache/torch", ".local/sh
 """Where, in a home, the backend and Label Studio write by default."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, seconds: float, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {seconds} s")
-
-
-@contextlib.contextmanager
 def _to_terminal(config: pytest.Config) -> Iterator[None]:
     """Output (ours and subprocesses') reaches the terminal while pytest captures, as in
     ``capsys.disabled()``, which a module-scoped fixture cannot request."""
@@ -131,7 +110,7 @@ def stack(tmp_path_factory, pytestconfig):
     work = tmp_path_factory.mktemp("e2e")
     env = private_env(os.environ, work / "home")
     before = _home_files(REAL_HOME)
-    ls_port, ml_port = _free_port(), _free_port()
+    ls_port, ml_port = free_port(), free_port()
     ls_command = [str(_label_studio_venv(pytestconfig)), "start", "--no-browser", "--port"]
     ls = _start([*ls_command, str(ls_port)], {**env, **_label_studio_env(work)})
     ls_url, ml_url = f"http://127.0.0.1:{ls_port}", f"http://127.0.0.1:{ml_port}"
@@ -143,9 +122,9 @@ def stack(tmp_path_factory, pytestconfig):
          "OVSS_ALLOWED_NETWORKS": "127.0.0.0/8"},  # the flaky image host below
     )  # fmt: skip
     try:
-        _wait(f"{ml_url}/health", 120, ml)
+        wait_for(f"{ml_url}/health", 120, ml)
         # Label Studio migrates a new database first: 1-7 minutes measured on a busy machine.
-        _wait(f"{ls_url}/health", 600, ls)
+        wait_for(f"{ls_url}/health", 600, ls)
         yield ls_url, ml_url, data_dir
     finally:
         for process in (ml, ls):
@@ -347,7 +326,7 @@ def learning_server(stack, tmp_path_factory):
     (tiny twins learn nothing a margin could show)."""
     ls_url, _, _ = stack
     work = tmp_path_factory.mktemp("learn")
-    port, data_dir = _free_port(), work / "data"
+    port, data_dir = free_port(), work / "data"
     command = [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--learn",
                "--port", str(port), "--host", "127.0.0.1", "--data-dir", str(data_dir),
                "--train-option=--epochs=1", "--train-option=--short-side=112",
@@ -357,7 +336,7 @@ def learning_server(stack, tmp_path_factory):
            "LABEL_STUDIO_API_KEY": TOKEN, "OVSS_OFFLINE": "1"}  # fmt: skip
     process = _start(command, env)
     try:
-        _wait(f"http://127.0.0.1:{port}/health", 120, process)
+        wait_for(f"http://127.0.0.1:{port}/health", 120, process)
         yield f"http://127.0.0.1:{port}", data_dir
     finally:
         process.terminate()
@@ -394,18 +373,31 @@ def test_annotations_train_and_promote_a_version_that_label_studio_then_predicts
     for prediction in http.get("/api/predictions/", params={"project": project.id}).json():
         body = {"result": result, "parent_prediction": prediction["id"]}
         http.post(f"/api/tasks/{prediction['task']}/annotations/", json=body).raise_for_status()
+    new = [(f"file{i}", (f"n{i}.png", _png(70 + i), "image/png")) for i in range(3)]
+    http.post(f"/api/projects/{project.id}/import", files=new).raise_for_status()  # unlabelled
     # "Start training": Label Studio posts START_TRAINING to the backend's /webhook.
     http.post(f"/api/ml/{ml.id}/train").raise_for_status()
     job = _ended_job(learn_url, project.id)
     assert job["state"] == "done" and job["reason"].startswith("promoted"), job
     trained = httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"]
     assert trained != zero_shot and trained.startswith("fmbseg·")
+    _check_report(learn_url, job, zero_shot)
     http.post(action, json=everything).raise_for_status()  # Label Studio predicts again
     predictions = http.get("/api/predictions/", params={"project": project.id}).json()
     by_task: dict[int, list[str]] = {}
     for prediction in predictions:
         by_task.setdefault(prediction["task"], []).append(prediction["model_version"])
-    assert len(by_task) == 6 and all(v.count(trained) == 1 for v in by_task.values())
+    assert len(by_task) == 9 and all(v.count(trained) == 1 for v in by_task.values())
+    # Active learning: Label Studio serves the unlabelled task the new version is least sure of.
+    ordered = CliRunner().invoke(cli, ["predict", "--project", str(project.id), "--tiny",
+                                       "--data-dir", str(data_dir), "--url", ls_url, "--api-key",
+                                       TOKEN, "--uncertainty-sampling"])  # fmt: skip
+    assert ordered.exit_code == 0, ordered.output
+    scores = {p["task"]: p["score"] for p in predictions if p["model_version"] == trained}
+    assert all(0.0 <= v <= 1.0 for v in scores.values()) and len(set(scores.values())) > 1
+    unlabelled = [t["id"] for t in _tasks(http, project.id) if not t["total_annotations"]]
+    first = http.get(f"/api/projects/{project.id}/next").json()
+    assert first["id"] == min(unlabelled, key=scores.__getitem__), (first["id"], scores)
     # A training subprocess SIGKILLed: the server stays up, the job is re-queued and run again;
     # the same data and seed give the same head, which the gate rejects (no gain): the active
     # version never changes.
@@ -421,6 +413,24 @@ def test_annotations_train_and_promote_a_version_that_label_studio_then_predicts
                                       "--zero-shot", "--data-dir", str(data_dir)])  # fmt: skip
     assert rolled.exit_code == 0, rolled.output
     assert httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"] == zero_shot
+
+
+def _check_report(learn_url: str, job: dict, zero_shot: str) -> None:
+    """The job's report: the gate's comparison, the calibration fitted on held-out pixels (it
+    went into the version, beside the head), and the agreement with the zero-shot version's
+    proposals, which annotators replaced on every task."""
+    report = httpx.get(f"{learn_url}/jobs/{job['id']}/report").json()
+    assert job["result"]["report"] == f"runs/job-{job['id']}/report.json"
+    assert {"candidate", "zero_shot"} <= set(report["held_out"]) and report["loss"]
+    assert report["calibration"]["pixels"] > 0
+    assert report["agreement"][zero_shot]["annotations"] == 6, report["agreement"]
+    picture = httpx.get(f"{learn_url}/jobs/{job['id']}/report.png")
+    assert picture.status_code == 200 and picture.content.startswith(b"\x89PNG")
+
+
+def _tasks(http: httpx.Client, project: int) -> list[dict]:
+    answer = http.get("/api/tasks/", params={"project": project, "page_size": 100}).json()
+    return answer["tasks"] if isinstance(answer, dict) else answer
 
 
 def _jobs(learn_url: str, project: int) -> list[dict]:
@@ -470,12 +480,12 @@ def test_a_server_killed_mid_job_reruns_it_after_a_restart_and_activates_only_wh
     from ovss_label.converters.labelstudio import instances_to_results
 
     ls_url, _, _ = stack
-    port, data_dir = _free_port(), tmp_path / "data"
+    port, data_dir = free_port(), tmp_path / "data"
     env = {**private_env(os.environ, tmp_path / "home"), "LABEL_STUDIO_URL": ls_url,
            "LABEL_STUDIO_API_KEY": TOKEN, "OVSS_OFFLINE": "1"}  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     server = _start(_learn_command(port, data_dir), env)
-    _wait(f"{url}/health", 120, server)
+    wait_for(f"{url}/health", 120, server)
     client = LabelStudio(base_url=ls_url, api_key=TOKEN)
     project = client.projects.create(title="ovss crash", label_config=CONFIG)
     http = httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {TOKEN}"}, timeout=60)
@@ -499,7 +509,7 @@ def test_a_server_killed_mid_job_reruns_it_after_a_restart_and_activates_only_wh
         store = VersionStore(events_path(data_dir), data_dir)
         assert store.active(project.id) is None  # nothing half-done was activated
         server = _start(_learn_command(port, data_dir), env)  # the same data directory
-        _wait(f"{url}/health", 120, server)
+        wait_for(f"{url}/health", 120, server)
         job = _ended_job(url, project.id, running["id"])  # re-queued once its lease expired
         assert job["state"] == "done" and job["attempts"] == 2, job
         active = store.active(project.id)

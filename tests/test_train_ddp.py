@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from safetensors.torch import load_file
 
 from ovss_label.backend.training.checkpoint import read_checkpoint
@@ -41,16 +41,10 @@ ARGS = ["--tiny", "--epochs", "20", "--batch-size", "4", "--held-out", "0.25",
 STEPS = 20 * 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _torchrun(*argv: str) -> list[str]:
     """2 processes on this machine, on a free port (each test its own)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *argv]  # fmt: skip
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *argv]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
