@@ -64,3 +64,16 @@ def test_a_jobs_report_is_served_from_the_data_directory_and_nothing_else(tmp_pa
     engine.jobs.claim("worker-1", lease_seconds=60)
     engine.jobs.finish(queued.id, "worker-1", "rejected", result={"report": "../secret.json"})
     assert client.get(f"/jobs/{queued.id}/report").status_code == 404
+
+
+def test_the_jobs_command_shows_the_gates_numbers_and_the_report(tmp_path):
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path))
+    job = engine.jobs.enqueue(3)
+    engine.jobs.claim("worker-1", lease_seconds=60)
+    result = {"miou": {"candidate": 0.5125, "active": 0.43, "zero_shot": 0.2},
+              "report": f"runs/job-{job.id}/report.json"}  # fmt: skip
+    engine.jobs.finish(job.id, "worker-1", "done", result=result, reason="promoted")
+    shown = CliRunner().invoke(cli, ["jobs", "--data-dir", str(tmp_path)], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0, shown.output
+    assert "0.512 vs active 0.430" in shown.output
+    assert f"runs/job-{job.id}/report.png" in " ".join(shown.output.split())
