@@ -2,7 +2,8 @@
 
 Writes what Label Studio imports: one task per image, ``{"data": {<key>: <url>}, "meta":
 {"original_width", "original_height"}, "predictions": [{"model_version", "score", "result"}]}``,
-with results for the project's controls (brush RLE, polygons or both). ``meta`` is the size
+with results for the project's controls (brush RLE, polygons or both) and the score of
+``proposers/confidence.py``. ``meta`` is the size
 Label Studio shows (EXIF orientation applied), so a task without regions still has a size on
 export. A file that cannot be decoded or fails in the model is reported and skipped; the others
 still get predictions.
@@ -16,8 +17,12 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 from ovss_label.converters import CocoWriter, Instance, ResultTargets, write_overlay
 from ovss_label.images import load_rgb
@@ -26,6 +31,7 @@ from ovss_label.ontologies import Vocabulary, class_colors
 from .jobs import JobReport, NoProgress, Progress
 from .models.identity import is_tiny_version
 from .proposers import FeatureCache, PostprocessConfig, Proposer, proposal_to_instances, propose
+from .proposers.confidence import task_score
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,133 @@ def local_files_url(path: Path, root: Path, prefix: str = "/data/local-files/?d=
     return prefix + relative_name(path, root)
 
 
+PREDICT_ERRORS = (ValueError, RuntimeError, OSError, MemoryError)
+"""What fails one image, not the job: the image is reported and skipped."""
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's share of a ``predict`` run's outputs, in JSON types: made per image in one
+    process and on Ray alike (``scale/ray_predict.py`` stores it as a record), and merged in
+    input order by :func:`collect`, so both runs write the same files.
+
+    Attributes:
+        path: The input file.
+        reason: Why it failed ("" when it did not; then ``task`` is None).
+        task: Its Label Studio task.
+        name: Its COCO ``file_name``.
+        size: (width, height) as shown (EXIF orientation applied).
+        instances: Instances predicted.
+        annotations: ``(label, annotation)`` per COCO annotation, numbered when merged.
+        holes_filled: Masks with holes written as polygons (``CocoWriter.holes_filled``).
+    """
+
+    path: str
+    reason: str = ""
+    task: dict[str, Any] | None = None
+    name: str = ""
+    size: tuple[int, int] = (0, 0)
+    instances: int = 0
+    annotations: tuple[tuple[str, dict[str, Any]], ...] = ()
+    holes_filled: int = 0
+
+
+def failure(path: Path, exc: Exception) -> ImageResult:
+    """The result of an image that failed with ``exc`` (a short reason without the path)."""
+    # Reported by the caller from its report; a log line too would say it twice.
+    log.debug("skipped %s: %s", path, exc)
+    return ImageResult(str(path), reason=_reason(exc, path))
+
+
+@dataclass(frozen=True)
+class ImageOutputs:
+    """What each image of a ``predict`` run writes; picklable (Ray tasks get a copy).
+
+    Attributes:
+        vocabulary: The classes (overlay colours, COCO categories).
+        output: The result targets of the tasks.
+        version: ``model_version`` of every prediction and overlay title.
+        post: Post-processing (``min_area`` also bounds polygon parts).
+        coco: ``(segmentation, tolerance_px, min_polygon_iou)`` of the COCO writer; None: no COCO.
+        overlay_dir: Where overlay PNGs go; None: none.
+    """
+
+    vocabulary: Vocabulary
+    output: ResultTargets
+    version: str
+    post: PostprocessConfig = field(default_factory=PostprocessConfig)
+    coco: tuple[Any, float, float] | None = None
+    overlay_dir: Path | None = None
+
+    def result(
+        self,
+        path: Path,
+        image: NDArray[np.uint8],
+        instances: list[Instance],
+        score: float,
+        *,
+        url: str,
+        name: str,
+        overlay: str,
+    ) -> ImageResult:
+        """The task, COCO annotations and overlay (written to ``overlay_dir / overlay``) of
+        ``image`` ((H, W, 3) uint8 RGB, as shown), its instances and its prediction's
+        ``score`` (``proposers/confidence.py``)."""
+        height, width = image.shape[:2]  # the oriented frame: EXIF applied by load_rgb
+        size = (width, height)
+        task = _task(url, self.output, instances, self.version, size, self.post.min_area, score)
+        annotations: tuple[tuple[str, dict[str, Any]], ...] = ()
+        holes = 0
+        if self.coco is not None:  # ids are given when merged (collect): numbered in order
+            mode, tolerance, min_iou = self.coco
+            writer = CocoWriter(self.vocabulary.names, segmentation=mode, tolerance_px=tolerance,
+                                min_polygon_iou=min_iou)  # fmt: skip
+            writer.add_image(name, width, height)
+            kept = [(inst.label, writer.add_instance(1, inst)) for inst in instances]
+            annotations = tuple((label, ann) for label, ann in kept if ann is not None)
+            holes = writer.holes_filled
+        if self.overlay_dir is not None:
+            colors = dict(zip(self.vocabulary.names, class_colors(len(self.vocabulary)),
+                              strict=True))  # fmt: skip
+            banner = TINY_BANNER if uses_tiny_models(self.version) else ""
+            write_overlay(self.overlay_dir / overlay, image, instances, colors,
+                          title=self.version, banner=banner)  # fmt: skip
+        return ImageResult(str(path), task=task, name=name, size=(width, height),
+                           instances=len(instances), annotations=annotations,
+                           holes_filled=holes)  # fmt: skip
+
+
+def coco_options(coco: CocoWriter | None) -> tuple[Any, float, float] | None:
+    """:attr:`ImageOutputs.coco` of a writer (None: no COCO file)."""
+    if coco is None:
+        return None
+    return coco.segmentation, coco.tolerance_px, coco.min_polygon_iou
+
+
+def collect(
+    result: ImageResult,
+    tasks: list[dict[str, Any]],
+    report: JobReport,
+    coco: CocoWriter | None = None,
+) -> None:
+    """Adds one image's result to the run's tasks, report and COCO writer (images and
+    annotations numbered in the order results arrive: input order)."""
+    if result.task is None:
+        report.failed.append((result.path, result.reason))
+        return
+    tasks.append(result.task)
+    report.done += 1
+    report.count("instances", result.instances)
+    if coco is not None:
+        image_id = coco.add_image(result.name, *result.size)
+        for label, annotation in result.annotations:
+            # Replacing existing keys keeps their place: the same bytes as add_instance.
+            coco.annotations.append({**annotation, "id": len(coco.annotations) + 1,
+                                     "image_id": image_id,
+                                     "category_id": coco.category_id(label)})  # fmt: skip
+        coco.holes_filled += result.holes_filled
+
+
 def predict_files(
     proposer: Proposer,
     vocabulary: Vocabulary,
@@ -122,12 +255,13 @@ def predict_files(
 ) -> tuple[list[dict[str, Any]], JobReport]:
     """The ``predict`` job over files (``jobs.py``): Label Studio tasks, one per readable
     image, and the report (``done`` images, ``failed`` files by path with their reasons,
-    ``counts["instances"]``). Not resumable: the caller writes the outputs at the end."""
-    post = postprocess or PostprocessConfig()
+    ``counts["instances"]``). Not resumable: the caller writes the outputs at the end (the
+    Ray run, ``scale/ray_predict.py``, is)."""
     version = proposer.model_version
-    colors = dict(zip(vocabulary.names, class_colors(len(vocabulary)), strict=True))
-    banner = TINY_BANNER if uses_tiny_models(version) else ""
-    tasks, report = [], JobReport("predict", version)
+    outputs = ImageOutputs(vocabulary, output, version, postprocess or PostprocessConfig(),
+                           coco_options(coco), overlay_dir)  # fmt: skip
+    tasks: list[dict[str, Any]] = []
+    report = JobReport("predict", version)
     progress = progress or NoProgress()
     progress.total(len(paths))
     if coco is not None:  # the COCO file names its model, as the tasks and overlays do
@@ -136,24 +270,15 @@ def predict_files(
     for path in paths:
         try:
             image = load_rgb(path)
-            instances = proposal_to_instances(propose(proposer, image, vocabulary, cache), post)
-        except (ValueError, RuntimeError, OSError, MemoryError) as exc:
-            # Reported by the caller from `report`; a log line too would say it twice.
-            log.debug("skipped %s: %s", path, exc)
-            report.failed.append((str(path), _reason(exc, path)))
+            proposal = propose(proposer, image, vocabulary, cache)
+            instances = proposal_to_instances(proposal, outputs.post)
+            score = task_score(proposal, proposer.calibration)
+        except PREDICT_ERRORS as exc:
+            result = failure(path, exc)
         else:
-            height, width = image.shape[:2]  # the oriented frame: EXIF applied by load_rgb
-            size = (width, height)
-            tasks.append(_task(url_for(path), output, instances, version, size, post.min_area))
-            report.done += 1
-            report.count("instances", len(instances))
-            if coco is not None:
-                image_id = coco.add_image(name_for(path), width, height)
-                for inst in instances:
-                    coco.add_instance(image_id, inst)
-            if overlay_dir is not None:
-                target = overlay_dir / names[path]
-                write_overlay(target, image, instances, colors, title=version, banner=banner)
+            result = outputs.result(path, image, instances, score, url=url_for(path),
+                                    name=name_for(path), overlay=names[path])  # fmt: skip
+        collect(result, tasks, report, coco)
         progress.advance(path.name)
     return tasks, report
 
@@ -165,11 +290,11 @@ def _task(
     version: str,
     size: tuple[int, int],
     min_area: float,
+    score: float,
 ) -> dict[str, Any]:
-    scores = [inst.score for inst in instances if inst.score is not None]
     prediction = {
         "model_version": version,
-        "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+        "score": round(score, 4),
         "result": output.results(instances, min_area),
     }
     meta = {"original_width": size[0], "original_height": size[1]}
@@ -201,9 +326,15 @@ def overlay_names(paths: Sequence[Path]) -> dict[Path, str]:
 
 
 __all__ = [
+    "PREDICT_ERRORS",
     "TINY_BANNER",
+    "ImageOutputs",
+    "ImageResult",
     "Output",
+    "coco_options",
+    "collect",
     "collect_images",
+    "failure",
     "local_files_url",
     "overlay_names",
     "predict_files",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,8 +20,10 @@ from ovss_label.ontologies import Vocabulary, label_config, load
 if TYPE_CHECKING:  # the backend imports torch: loaded only when a command needs it
     from ovss_label.backend.jobs import JobReport
     from ovss_label.backend.proposers import PostprocessConfig, Proposer
+    from ovss_label.backend.scale import RayOptions
 
 FORMATS = KINDS
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 DEFAULT_METHOD = "naclip"
@@ -56,6 +58,39 @@ def _project(
     targets = ResultTargets(fmt or "brush")
     return ProjectConfig(method or DEFAULT_METHOD, vocab, targets, min_score or 0.0,
                          targets.data_key)  # fmt: skip
+
+
+def ray_options(command: F) -> F:
+    """Adds ``--ray`` and ``--ray-actors`` (parameters ``ray``, ``ray_actors``): ``predict``
+    and ``train`` run their model work on Ray (``backend/scale``)."""
+    flag = click.option(
+        "--ray",
+        is_flag=True,
+        help="Run on Ray: the cluster at RAY_ADDRESS, else a local Ray (pip install "
+        '"ovss-label[ray]"). Resumable: a rerun skips finished images.',
+    )
+    actors = click.option(
+        "--ray-actors",
+        type=click.IntRange(min=1),
+        help="Model copies on Ray (default: one per GPU with --device cuda, else one per 4 "
+        "CPUs, the CPUs split between them as torch threads).",
+    )
+    return flag(actors(command))
+
+
+def ray_run(ray: bool, actors: int | None, device: str) -> RayOptions | None:
+    """The Ray options of ``--ray`` (None without it); checks now that Ray is installed."""
+    if not ray:
+        if actors is not None:
+            raise click.UsageError("--ray-actors needs --ray")
+        return None
+    from ovss_label.backend.scale import RayOptions, RayUnavailableError, import_ray
+
+    try:
+        import_ray()
+    except RayUnavailableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return RayOptions(actors=actors, gpu=device.startswith("cuda"))
 
 
 def _given(option: str) -> bool:
@@ -143,8 +178,12 @@ def _given(option: str) -> bool:
               envvar="OVSS_DATA_DIR",
               help="With --project: the server's data directory; the project's active trained "
               "version (models activate) is used.")  # fmt: skip
+@click.option("--uncertainty-sampling", is_flag=True,
+              help="With --project, afterwards: Label Studio serves the task this version is "
+              "least sure of first (sets the project's sampling and model version).")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @tiny_option
+@ray_options
 @click.option("--fail-on-skip", is_flag=True, help="Exit with status 1 if an image was skipped.")
 def predict(
     paths,
@@ -172,8 +211,11 @@ def predict(
     checkpoint,
     head,
     data_dir,
+    uncertainty_sampling,
     device,
     tiny,
+    ray,
+    ray_actors,
     fail_on_skip,
 ) -> None:
     """Pre-annotate images (files, folders, globs) or a whole Label Studio project.
@@ -186,7 +228,12 @@ def predict(
     --project ID: predicts every task of that project (vocabulary from its labeling config)
     and posts each prediction back through the SDK as it is ready; tasks that already have a
     prediction of this model version are skipped, so a run resumes after an interruption.
+
+    --ray: the same outputs from a Ray Data pipeline (decode and post-processing in CPU
+    tasks, the model in --ray-actors actors). Files: per-image records in OUTPUT.parts/ make
+    a rerun compute only the images without one.
     """
+    on_ray = ray_run(ray, ray_actors, device)
     if project is not None:
         from ovss_label.commands.predict_project import run_project
 
@@ -196,8 +243,10 @@ def predict(
                 "attribute of its BrushLabels/PolygonLabels control"
             )
         run_project(project, url, api_key, method=method, tiny=tiny, device=device, head=head,
-                    data_dir=data_dir)  # fmt: skip
+                    data_dir=data_dir, ray=on_ray, uncertainty=uncertainty_sampling)  # fmt: skip
         return
+    if uncertainty_sampling:
+        raise click.UsageError("--uncertainty-sampling is for --project (a Label Studio setting)")
     if not paths or output is None:
         raise click.UsageError("give PATHS and -o OUTPUT, or --project ID")
     from ovss_label.backend.predict import collect_images, unsearched_folders
@@ -215,13 +264,19 @@ def predict(
     options = _options(run.method, background, pamr, sam_model, sam_checkpoint)
     if run.method.startswith("fmbseg") and head:
         options["head"] = head
-    proposer = _proposer(run.method, tiny, checkpoint, device, options)
     writer = CocoWriter(run.vocabulary.names) if coco else None
     if overlays:
         overlays.mkdir(parents=True, exist_ok=True)
     post = PostprocessConfig(min_area=min_area, split=split, min_score=run.min_score)
-    roots = (document_root, url_prefix)
-    tasks, report = _run(proposer, run, images, post, writer, overlays, roots)
+    files = _files(run, post, writer, overlays, (document_root, url_prefix))
+    if on_ray is not None:
+        from ovss_label.backend.scale import ProposerSpec
+
+        spec = ProposerSpec(run.method, {**options, "tiny": tiny or None, "checkpoint": checkpoint})
+        tasks, report = _run_ray(on_ray, spec, run, images, {**files, "records_for": output})
+    else:
+        proposer = _proposer(run.method, tiny, checkpoint, device, options)
+        tasks, report = _run(proposer, run, images, files)
     write_json(output, tasks, indent=1)
     if not config_xml:
         config_path = output.with_name(output.stem + ".label_config.xml")
@@ -234,33 +289,40 @@ def predict(
         raise SystemExit(1)
 
 
-def _run(
-    proposer: Proposer,
+def _files(
     run: ProjectConfig,
-    images: list[Path],
     post: PostprocessConfig,
     writer: CocoWriter | None,
     overlays: Path | None,
     roots: tuple[Path, str],
-) -> tuple[list[dict[str, Any]], JobReport]:
-    """``predict_files`` under a progress bar; returns its tasks and report."""
-    from ovss_label.backend.predict import local_files_url, predict_files, relative_name
+) -> dict[str, Any]:
+    """The keyword arguments of ``predict_files`` (and ``predict_files_ray``)."""
+    from ovss_label.backend.predict import local_files_url, relative_name
 
     document_root, url_prefix = roots
+    return {"output": run.output, "postprocess": post, "coco": writer, "overlay_dir": overlays,
+            "url_for": lambda p: local_files_url(p, document_root, url_prefix),
+            "name_for": lambda p: relative_name(p, document_root)}  # fmt: skip
+
+
+def _run(proposer: Proposer, run: ProjectConfig, images: list[Path], files: dict[str, Any]) -> Any:
+    """``predict_files`` under a progress bar: its tasks and report."""
+    from ovss_label.backend.predict import predict_files
+
     with job_progress("predicting") as progress:
-        return predict_files(
-            proposer,
-            run.vocabulary,
-            images,
-            output=run.output,
-            url_for=lambda p: local_files_url(p, document_root, url_prefix),
-            name_for=lambda p: relative_name(p, document_root),
-            postprocess=post,
-            cache=None,
-            coco=writer,
-            overlay_dir=overlays,
-            progress=progress,
-        )
+        return predict_files(proposer, run.vocabulary, images, progress=progress, **files)
+
+
+def _run_ray(
+    on_ray: RayOptions, spec: Any, run: ProjectConfig, images: list[Path], files: dict[str, Any]
+) -> Any:
+    """``predict_files_ray`` (Ray draws its own progress): its tasks and report."""
+    from ovss_label.backend.scale import predict_files_ray
+
+    try:
+        return predict_files_ray(spec, run.vocabulary, images, options=on_ray, **files)
+    except (OSError, ValueError, RuntimeError) as exc:  # weights, the cluster, a failed run
+        raise click.ClickException(str(exc)) from exc
 
 
 def _check_document_root(images: Sequence[Path], root: Path) -> None:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ovss_label.commands.jobs import job_progress, print_report
-from ovss_label.lsapi import LabelStudioError, make_client
+from ovss_label.lsapi import LabelStudioError, make_client, order_by_uncertainty
+
+if TYPE_CHECKING:  # the backend imports torch: loaded only when a command needs it
+    from ovss_label.backend.jobs import JobReport
+    from ovss_label.backend.scale import RayOptions
 
 
 def run_project(
@@ -22,10 +27,13 @@ def run_project(
     device: str,
     head: str | None = None,
     data_dir: Path | None = None,
+    ray: RayOptions | None = None,
+    uncertainty: bool = False,
 ) -> None:
-    """Predicts the project's tasks with the server's engine and posts the predictions."""
+    """Predicts the project's tasks with the server's engine and posts the predictions
+    (``ray``: on Ray, ``backend/scale/ray_project.py``); ``uncertainty``: then makes Label
+    Studio serve the least confident task first (``lsapi.order_by_uncertainty``)."""
     from ovss_label.backend.server import Engine, MediaPolicy, ServerSettings
-    from ovss_label.backend.server.batch import predict_project
 
     if not url:
         raise click.UsageError("--project needs --url (or LABEL_STUDIO_URL)")
@@ -40,17 +48,32 @@ def run_project(
                                   data_dir=data_dir or Path(scratch), workers=1,
                                   media=media)  # fmt: skip
         engine = Engine(settings)
-        with job_progress(f"project {project}") as progress:
-            try:
-                report = predict_project(engine, client, project, progress=progress)
-            except ValueError as exc:
-                raise click.ClickException(f"project {project}: {exc}") from exc
-            except Exception as exc:  # SDK and HTTP errors: one line, not a traceback
-                raise click.ClickException(
-                    f"project {project}: {type(exc).__name__}: {exc}"
-                ) from exc
+        try:
+            report = _predict(engine, client, project, ray)
+        except ValueError as exc:
+            raise click.ClickException(f"project {project}: {exc}") from exc
+        except Exception as exc:  # SDK, HTTP and Ray errors: one line, not a traceback
+            raise click.ClickException(f"project {project}: {type(exc).__name__}: {exc}") from exc
     empty = report.counts.get("empty", 0)
-    print_report(report, done="predicted", notes=(
-        f"project {project}: {report.done} predicted ({empty} empty), {report.skipped} already "
-        f"had model version {report.model_version}",
-    ))  # fmt: skip
+    notes = [f"project {project}: {report.done} predicted ({empty} empty), {report.skipped} "
+             f"already had model version {report.model_version}"]  # fmt: skip
+    if uncertainty:
+        try:
+            order_by_uncertainty(client, project, report.model_version)
+        except LabelStudioError as exc:
+            raise click.ClickException(f"project {project}: {exc}") from exc
+        notes.append(f"Label Studio now serves the tasks {report.model_version} is least sure of "
+                     "first (uncertainty sampling)")  # fmt: skip
+    print_report(report, done="predicted", notes=tuple(notes))
+
+
+def _predict(engine: Any, client: Any, project: int, ray: RayOptions | None) -> JobReport:
+    """The job, under a progress bar; on Ray, with Ray's own progress."""
+    if ray is not None:
+        from ovss_label.backend.scale.ray_project import predict_project_ray
+
+        return predict_project_ray(engine, client, project, options=ray)
+    from ovss_label.backend.server.batch import predict_project
+
+    with job_progress(f"project {project}") as progress:
+        return predict_project(engine, client, project, progress=progress)

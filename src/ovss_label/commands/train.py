@@ -11,6 +11,7 @@ import click
 
 from ovss_label.commands.jobs import job_progress, print_report
 from ovss_label.commands.options import data_dir_option, server_database, tiny_option
+from ovss_label.commands.predict import ray_options, ray_run
 from ovss_label.commands.truth import (
     FOLDER,
     given_ground_truths,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # the backend imports torch: loaded only when the command run
 @click.option("--device", default="cpu", show_default=True,
               help="cpu or cuda (under torchrun: each process's cuda:LOCAL_RANK).")  # fmt: skip
 @tiny_option
+@ray_options
 def train(**options: Any) -> None:
     """Train the FMbSeg alignment head (frozen DINOv2 -> CLIP text space).
 
@@ -75,12 +77,15 @@ def train(**options: Any) -> None:
     if options["run_dir"] is None:
         raise click.UsageError("-o RUN_DIR is needed: the run folder (or --project ID --queue)")
     config = _config(options)
+    on_ray = ray_run(options["ray"], options["ray_actors"], options["device"])
     models = Backbones(options["backbone"], short_side=options["short_side"], tiny=options["tiny"])
     try:
         with distributed.session(options["device"]) as world:
             pool = ModelPool(world.device)  # one copy of each model for labels and features
             with world.main_first():  # rank 0 first: it downloads weights, makes labels
                 truth = _training_truth(options, pool)
+                if on_ray is not None and world.is_main:  # training then finds them encoded
+                    _fill_on_ray(truth, models, pool, options, on_ray)
             with _bar(world, "features") as prepare, _bar(world, "training") as steps:
                 built, trained = run_training(truth, options["run_dir"], config, models=models,
                                               pool=pool, features_dir=options["features_dir"],
@@ -135,6 +140,19 @@ def _bar(world: World, description: str) -> AbstractContextManager[Any]:
     from ovss_label.backend.jobs import NoProgress
 
     return job_progress(description) if world.is_main else nullcontext(NoProgress())
+
+
+def _fill_on_ray(truth: Any, models: Any, pool: Any, options: dict[str, Any], on_ray: Any) -> None:
+    """``--ray``: Ray actors fill the feature store first (``backend/scale/ray_features.py``)."""
+    from ovss_label.backend.scale.ray_features import fill_feature_store
+    from ovss_label.backend.store import cache_dir
+
+    root = options["features_dir"] or cache_dir() / "features"  # run_training's default
+    try:
+        report = fill_feature_store(truth, root, models, pool, options=on_ray)
+    except RuntimeError as err:  # the cluster, a failed run (ValueError: the caller's)
+        raise click.ClickException(str(err)) from err
+    print_report(report, done="encoded on Ray")
 
 
 def _pct(value: float | None) -> str:
