@@ -150,3 +150,20 @@ def test_predict_files_and_the_server_score_through_the_proposers_calibration(
                              [photo], output=ResultTargets(),
                              url_for=lambda p: p.name)  # fmt: skip
     assert tasks[0]["predictions"][0]["score"] == pytest.approx(calibrated)
+
+
+def test_uncertainty_sampling_sets_the_projects_sampling_and_version_and_needs_a_project():
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from ovss_label.cli import cli
+    from ovss_label.lsapi import order_by_uncertainty
+
+    calls = []
+    client = SimpleNamespace(projects=SimpleNamespace(update=lambda **kw: calls.append(kw)))
+    order_by_uncertainty(client, 7, "fmbseg·dL14·head·3f9c2a")
+    assert calls == [{"id": 7, "sampling": "Uncertainty sampling",
+                      "model_version": "fmbseg·dL14·head·3f9c2a"}]  # fmt: skip
+    files = CliRunner().invoke(cli, ["predict", "x.png", "-o", "t.json", "--uncertainty-sampling"])
+    assert files.exit_code == 2 and "--uncertainty-sampling is for --project" in files.output
