@@ -48,6 +48,7 @@ WATCHED = (".cache/ovss-label", ".cache/huggingface", ".cache/torch", ".local/sh
 """Where, in a home, the backend and Label Studio write by default."""
 
 
+@contextlib.contextmanager
 def _to_terminal(config: pytest.Config) -> Iterator[None]:
     """Output (ours and subprocesses') reaches the terminal while pytest captures, as in
     ``capsys.disabled()``, which a module-scoped fixture cannot request."""
