@@ -25,7 +25,7 @@ from ovss_label.converters import ResultTargets
 
 from ..jobs import JobReport
 from ..proposers import PostprocessConfig, Proposer, proposal_to_instances
-from ..server.batch import _task_dict  # the SDK's task objects as dicts, as batch.py reads them
+from ..server.batch import project_work
 from ..server.engine import Engine, _safe, _transient
 from ..server.media import MediaError, MediaFetcher
 from ..server.settings import MediaPolicy, ServerSettings
@@ -93,15 +93,7 @@ def predict_project_ray(
         RayUnavailableError: Ray is not installed.
         RayRunError: The pipeline failed; a rerun resumes (posted predictions stay).
     """
-    project = client.projects.get(id=project_id)
-    parsed, head = engine.served(str(project.label_config or ""), project_id)
-    version = engine.model_version(parsed.method, head)
-    done = {
-        p.task
-        for p in client.predictions.list(project=project_id)
-        if getattr(p, "model_version", None) == version
-    }
-    tasks = [_task_dict(t) for t in client.tasks.list(project=project_id, fields="all")]
+    parsed, head, version, done, tasks = project_work(engine, client, project_id)
     report = JobReport(f"predict --project {project_id}", version)
     report.skipped = sum(1 for task in tasks if task.get("id") in done)
     items = [{"item": f"task {task.get('id')}", "id": task.get("id"), "task": json.dumps(task)}

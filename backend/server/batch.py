@@ -27,6 +27,24 @@ def _task_dict(task: Any) -> dict[str, Any]:
     return dumped
 
 
+def project_work(
+    engine: Engine, client: Any, project_id: int
+) -> tuple[Any, str | None, str, set[Any], list[dict[str, Any]]]:
+    """What ``predict --project`` works on (here and on Ray): the project's parsed config, the
+    head serving it (its active trained version, else None: its zero-shot method), that
+    ``model_version``, the ids of tasks already carrying it, and every task as a dict."""
+    project = client.projects.get(id=project_id)
+    parsed, head = engine.served(str(project.label_config or ""), project_id)
+    version = engine.model_version(parsed.method, head)
+    done = {
+        p.task
+        for p in client.predictions.list(project=project_id)
+        if getattr(p, "model_version", None) == version
+    }
+    tasks = [_task_dict(t) for t in client.tasks.list(project=project_id, fields="all")]
+    return parsed, head, version, done, tasks
+
+
 def predict_project(
     engine: Engine,
     client: Any,
@@ -39,16 +57,7 @@ def predict_project(
     report counts ``done``, ``skipped`` (already predicted), ``retry`` (failed for now) and
     ``counts["empty"]`` (failed for good: an empty prediction was posted)."""
     progress = progress or NoProgress()
-    project = client.projects.get(id=project_id)
-    # The project's active trained version when it has one, else its zero-shot method.
-    parsed, head = engine.served(str(project.label_config or ""), project_id)
-    version = engine.model_version(parsed.method, head)
-    done = {
-        p.task
-        for p in client.predictions.list(project=project_id)
-        if getattr(p, "model_version", None) == version
-    }
-    tasks = [_task_dict(t) for t in client.tasks.list(project=project_id, fields="all")]
+    parsed, head, version, done, tasks = project_work(engine, client, project_id)
     progress.total(len(tasks))
     report = JobReport(f"predict --project {project_id}", version)
     for task in tasks:
