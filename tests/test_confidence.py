@@ -4,6 +4,7 @@ calibrated from (backend/evaluation/calibration.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,75 @@ def test_predict_files_and_the_server_score_through_the_proposers_calibration(
                              [photo], output=ResultTargets(),
                              url_for=lambda p: p.name)  # fmt: skip
     assert tasks[0]["predictions"][0]["score"] == pytest.approx(calibrated)
+
+
+def _zero_shot_map(data, project, version, histogram=((0.2, 0.1), (0.9, 0.8))):
+    """What a training job saves for ``project``'s naclip (calibrations.py), from a histogram
+    whose bins have these (confidence, accuracy) and 100 pixels each."""
+    from ovss_label.backend.learning.calibrations import write_zero_shot
+
+    return write_zero_shot(data, project, "naclip", version, _histogram(histogram), job=9)
+
+
+def _histogram(bins):
+    """A reliability histogram with ``bins`` of 100 pixels each."""
+    pixels, right, confidence = np.zeros(BINS, np.int64), np.zeros(BINS), np.zeros(BINS)
+    for c, a in bins:
+        b = min(int(c * BINS), BINS - 1)
+        pixels[b], right[b], confidence[b] = 100, 100 * a, 100 * c
+    return Reliability(pixels, right.astype(np.int64), confidence)
+
+
+def test_a_project_without_a_version_scores_through_its_zero_shot_map(
+    server,  # noqa: F811
+    monkeypatch,
+    caplog,
+):
+    import ovss_label.backend.server.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "propose", _quarter)
+    client, engine = server
+    data = engine.settings.data_dir
+    body = _predict_body([_task(1, "/data/local-files/?d=photos/a.png")])  # project 3
+
+    def score(project="3.1763719200"):
+        return client.post("/predict", json={**body, "project": project}).json()["results"][0]
+
+    raw = round(0.25 * 0.9 + 0.75 * 0.2, 4)
+    assert score()["score"] == pytest.approx(raw)
+    version = engine.model_version("naclip")
+    path = _zero_shot_map(data, 3, version)
+    assert path == data / "calibration" / "3" / "naclip.json"
+    first = score()
+    assert first["score"] == pytest.approx(round(0.25 * 0.8 + 0.75 * 0.1, 4))
+    assert first["model_version"] == version  # the score changes, the model does not
+    assert score("4.1763719200")["score"] == pytest.approx(raw)  # another project: its own
+    # Re-measured by a later job: the new map is read without a restart.
+    _zero_shot_map(data, 3, version, histogram=((0.2, 0.3), (0.9, 0.6)))
+    assert score()["score"] == pytest.approx(round(0.25 * 0.6 + 0.75 * 0.3, 4))
+    # Measured on other weights: not this model's map, so raw.
+    _zero_shot_map(data, 3, "naclip·other-weights")
+    assert score()["score"] == pytest.approx(raw)
+    # A damaged file is logged and ignored: the prediction stands, raw.
+    path.write_text("{not json", encoding="utf-8")
+    assert score()["score"] == pytest.approx(raw)
+    assert "zero-shot calibration ignored" in caplog.text
+
+
+def test_the_zero_shot_map_is_for_the_dense_method_and_a_plain_name():
+    from ovss_label.backend.learning.calibrations import dense_method, zero_shot_path
+    from ovss_label.backend.learning.worker import zero_shot_method
+
+    assert dense_method("naclip+sam") == "naclip" and dense_method("clip_sam") == "clip_sam"
+    config = """<View><Image name="image" value="$image"/>
+<BrushLabels name="tag" toName="image" ovss_method="pnp_ovss+sam"><Label value="cat"/>
+</BrushLabels></View>"""
+    assert zero_shot_method(config, "naclip") == "pnp_ovss"  # the project's, not the server's
+    assert zero_shot_method(config.replace(' ovss_method="pnp_ovss+sam"', ""), "naclip+sam") == (
+        "naclip"
+    )
+    with pytest.raises(ValueError, match="not a dense method name"):
+        zero_shot_path(Path("/data"), 3, "../../etc/passwd")
 
 
 def test_uncertainty_sampling_sets_the_projects_sampling_and_version_and_needs_a_project():

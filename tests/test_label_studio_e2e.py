@@ -414,6 +414,9 @@ def test_annotations_train_and_promote_a_version_that_label_studio_then_predicts
                                       "--zero-shot", "--data-dir", str(data_dir)])  # fmt: skip
     assert rolled.exit_code == 0, rolled.output
     assert httpx.post(f"{learn_url}/setup", json=setup).json()["model_version"] == zero_shot
+    # The zero-shot method's scores are now calibrated for this project: the jobs measured it.
+    saved = data_dir / "calibration" / str(project.id) / "naclip.json"
+    assert json.loads(saved.read_text())["model_version"] == zero_shot
 
 
 def _check_report(learn_url: str, job: dict, zero_shot: str) -> None:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
+from ovss_label.backend.evaluation.calibration import Reliability
 from ovss_label.backend.learning.gate import GateConfig
 from ovss_label.backend.learning.jobs import JobStore
 from ovss_label.backend.learning.versions import VersionStore
@@ -100,3 +101,11 @@ def test_a_job_snapshots_trains_scores_and_promotes_a_version(tmp_path, monkeypa
     installed = versions.head_path(active).parent
     proposer = method_plan("fmbseg", head=str(installed), tiny=True).build(ModelPool("cpu"), None)
     assert proposer.calibration == Calibration.from_json(calibration)
+    # The zero-shot method's map, fitted on the same held-out pixels, is the project's: the
+    # server applies it to that model's predictions while no version is active.
+    zero_shot = scored["methods"]["naclip"]
+    saved = json.loads((data / "calibration" / "5" / "naclip.json").read_text())
+    assert (saved["model_version"], saved["job"]) == (zero_shot["model_version"], job.id)
+    assert saved["pixels"] == sum(c["pixels"] for c in zero_shot["per_class"].values())
+    expected = Reliability.from_json(zero_shot["reliability"]).fit()
+    assert Calibration.from_json(saved) == expected

@@ -177,17 +177,28 @@ def _predict_project(fake: SimpleNamespace, monkeypatch, *ray_args: str) -> list
     return sorted(fake.posted, key=lambda p: p["task"])
 
 
-def test_project_on_ray_posts_what_the_engine_posts(photos, monkeypatch, one_thread):
+def test_project_on_ray_posts_what_the_engine_posts(photos, tmp_path, monkeypatch, one_thread):
+    from ovss_label.backend.learning.calibrations import zero_shot_path
     from ovss_label.backend.proposers import method_plan
+    from ovss_label.backend.proposers.confidence import Calibration
 
     monkeypatch.setenv("OVSS_LOCAL_FILES_ROOT", str(photos))
     version = method_plan("clip_sam", tiny=True).identity.version
-    without = _predict_project(_fake_label_studio(photos, version), monkeypatch)
-    with_ray = _predict_project(_fake_label_studio(photos, version), monkeypatch, "--ray")
+    # The project's zero-shot map (what a training job saves): every pixel 0.625 likely right.
+    data = tmp_path / "data"
+    saved = zero_shot_path(data, 3, "clip_sam")
+    saved.parent.mkdir(parents=True)
+    flat = {**Calibration((0.0, 1.0), (0.625, 0.625)).to_json(), "model_version": version}
+    saved.write_text(json.dumps(flat), encoding="utf-8")
+    options = ("--data-dir", str(data))
+    without = _predict_project(_fake_label_studio(photos, version), monkeypatch, *options)
+    with_ray = _predict_project(_fake_label_studio(photos, version), monkeypatch, "--ray",
+                                *options)  # fmt: skip
     assert with_ray == without
     assert [p["task"] for p in with_ray] == [2, 3, 4, 5, 6]  # task 1 had this version
     assert {p["model_version"] for p in with_ray} == {version}
     assert [bool(p["result"]) for p in with_ray] == [True, True, True, False, False]
+    assert [p["score"] for p in with_ray] == [0.625, 0.625, 0.625, 0.0, 0.0]  # failed: 0
 
 
 def test_train_on_ray_fills_the_same_feature_store(photos, tmp_path, one_thread):

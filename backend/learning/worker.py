@@ -10,10 +10,14 @@ The steps of :func:`run_job` (docs: issue "continuous learning", README "Train o
    cancel ends the subprocess, never the server (``runner.py``). A crash releases the job for
    another attempt (``JobStore.release``), a cancel finishes it as cancelled.
 3. **Score** on the held-out tasks, each in a subprocess too (``ovss-label eval``): the
-   candidate, the project's active version and the zero-shot method, on the same tasks.
+   candidate, the project's active version and its zero-shot method (its labeling config's
+   ``ovss_method``, else the server's, without ``+sam``: the candidate is scored without SAM
+   too), on the same tasks.
 4. **Calibrate**: the candidate's confidence-to-accuracy map, fitted on the held-out pixels,
    goes beside its head (``run/calibration.json``, ``proposers/confidence.py``), so a promoted
-   version's prediction scores are calibrated. **Agreement**: ``eval --agreement`` on the
+   version's prediction scores are calibrated; the zero-shot method's map is saved for the
+   project (``calibrations.py``), so its scores are calibrated while no version is active,
+   whatever the verdict. **Agreement**: ``eval --agreement`` on the
    project measures how much annotators changed each version's proposals.
 5. **Decide** (``gate.py``); a promotion installs the run (copy, fsync, rename), registers and
    activates it in one transaction, then prunes old versions (``versions.py``). The job ends
@@ -41,6 +45,7 @@ from ovss_label.converters import write_json_atomic
 from ..evaluation.calibration import Reliability
 from ..evaluation.metrics import Scores
 from ..proposers.confidence import FILE_NAME as CALIBRATION_FILE
+from .calibrations import dense_method, write_zero_shot
 from .gate import Decision, GateConfig, HeldOutScores, decide
 from .jobs import Job, JobStore
 from .report import job_report, reliability_of, write_job_report
@@ -61,8 +66,8 @@ class WorkerSettings:
     Attributes:
         data_dir: The server's data directory (snapshots, runs, heads, the SQLite file).
         ls_url: Label Studio's URL; ``api_key`` its token (for snapshots and images).
-        zero_shot: The method a project uses without a trained version (the gate's baseline
-            for the first version).
+        zero_shot: The method of a project whose labeling config names none (without
+            ``+sam``, the gate's baseline for the first version).
         fraction: Held-out share of the tasks (sticky per task).
         train_options: Extra ``ovss-label train`` options (``--epochs``, ``--short-side``...).
         tiny: Tiny random twins (tests).
@@ -101,21 +106,35 @@ def run_job(
                                work / "train.log")  # fmt: skip
     if code != 0:
         return _stopped(job, owner, jobs, reason)
-    scores = _score_all(job, owner, jobs, versions, settings, files, run)
+    zero_shot = zero_shot_method(snapshot.label_config, settings.zero_shot)
+    scores = _score_all(job, owner, jobs, versions, settings, files, run, zero_shot)
     if scores is None:
         return _stopped(job, owner, jobs, "scoring failed: see the job's logs")
     reliability = reliability_of(work / "eval-candidate.json", TRAINED_METHOD)
     _write_calibration(run, reliability)  # before _promote: installed with the head
+    _save_zero_shot_calibration(job, settings, work, zero_shot)
     if not _measure_agreement(job, owner, jobs, settings, work):
         return _stopped(job, owner, jobs, "cancelled")
     decision = decide(*scores, len(snapshot.held_out), settings.gate, classes=_classes(files))
     if decision.promote:
         _promote(job, versions, settings, run, snapshot, decision)
     state = "done" if decision.promote else "rejected"
-    report = _report(job, state, decision.reason, settings, work, reliability)
+    report = _report(job, state, decision.reason, settings, work, reliability, zero_shot)
     result = {"snapshot": snapshot.digest, "held_out": len(snapshot.held_out),
               **decision.metrics, "report": report}  # fmt: skip
     return jobs.finish(job.id, owner, state, result=result, reason=decision.reason)
+
+
+def zero_shot_method(label_config: str, default: str) -> str:
+    """The dense method a project without a trained version runs: its config's
+    ``ovss_method``, else ``default``, without ``+sam`` (module docstring)."""
+    from ovss_label.converters.ls_project import ProjectConfig
+
+    try:
+        method = ProjectConfig.parse(label_config, default).method
+    except ValueError:  # train refuses such a config first; the default is then moot
+        method = default
+    return dense_method(method)
 
 
 def _write_parts(snapshot: Snapshot, work: Path) -> dict[str, Path]:
@@ -173,13 +192,14 @@ def _subprocess(
 
 def _score_all(
     job: Job, owner: str, jobs: JobStore, versions: VersionStore, settings: WorkerSettings,
-    files: dict[str, Path], run: Path,
+    files: dict[str, Path], run: Path, zero_shot: str,
 ) -> tuple[HeldOutScores, HeldOutScores | None, HeldOutScores | None] | None:  # fmt: skip
-    """(candidate, active, zero-shot) on the held-out tasks; None when one cannot be scored."""
+    """(candidate, active, ``zero_shot``) on the held-out tasks; None when one cannot be
+    scored."""
     active = versions.active(job.project)
     heads = {"candidate": (TRAINED_METHOD, run),
              "active": (TRAINED_METHOD, versions.head_path(active)) if active else None,
-             "zero_shot": (settings.zero_shot, None)}  # fmt: skip
+             "zero_shot": (zero_shot, None)}  # fmt: skip
     found: dict[str, HeldOutScores | None] = {}
     for name, spec in heads.items():
         if spec is None:
@@ -212,6 +232,20 @@ def _write_calibration(run: Path, reliability: Reliability | None) -> None:
         write_json_atomic(run / CALIBRATION_FILE, reliability.fit().to_json(), indent=1)
 
 
+def _save_zero_shot_calibration(
+    job: Job, settings: WorkerSettings, work: Path, method: str
+) -> None:
+    """The project's zero-shot map from ``eval-zero_shot.json`` (``calibrations.py``); a
+    failure is logged: raw scores are a fallback, not a reason to fail a trained job."""
+    scored = work / "eval-zero_shot.json"
+    try:
+        version = json.loads(scored.read_text(encoding="utf-8"))["methods"][method]
+        write_zero_shot(settings.data_dir, job.project, method, version["model_version"],
+                        reliability_of(scored, method), job=job.id)  # fmt: skip
+    except (OSError, ValueError, KeyError):
+        log.exception("training job %d: no zero-shot calibration saved", job.id)
+
+
 def _measure_agreement(
     job: Job, owner: str, jobs: JobStore, settings: WorkerSettings, work: Path
 ) -> bool:
@@ -229,12 +263,12 @@ def _measure_agreement(
 
 def _report(
     job: Job, state: str, reason: str, settings: WorkerSettings, work: Path,
-    reliability: Reliability | None,
+    reliability: Reliability | None, zero_shot: str,
 ) -> str | None:  # fmt: skip
     """Writes the job's report (``report.py``); its path relative to the data directory, or
     None when it could not be written (logged: a chart must never fail a trained job)."""
     methods = {"candidate": TRAINED_METHOD, "active": TRAINED_METHOD,
-               "zero_shot": settings.zero_shot}  # fmt: skip
+               "zero_shot": zero_shot}  # fmt: skip
     try:
         content = job_report(job, state, reason, work, methods, reliability)
         path = write_job_report(work, content, reliability)

@@ -26,7 +26,7 @@ from ovss_label.converters import ResultTargets
 from ..jobs import JobReport
 from ..proposers import PostprocessConfig, Proposer, proposal_to_instances
 from ..server.batch import project_work
-from ..server.engine import Engine, _safe, _transient
+from ..server.engine import Engine, task_failure
 from ..server.media import MediaError, MediaFetcher
 from ..server.settings import MediaPolicy, ServerSettings
 from .cluster import RayOptions, cluster_pool, connected, run_pipeline
@@ -38,25 +38,31 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TaskErrors:
     """``Engine.predict_task``'s rules: every exception stays its task's; a reason without
-    credentials; transient as the engine decides (``engine._transient``)."""
+    credentials; transient as the engine decides (``engine.task_failure``)."""
 
     catches: tuple[type[Exception], ...] = (Exception,)
 
     def describe(self, exc: Exception, item: str) -> tuple[str, bool]:
         """``(reason, transient)``."""
-        return f"{type(exc).__name__}: {_safe(exc)}", _transient(exc)
+        return task_failure(exc)
 
 
 @dataclass(frozen=True)
 class EngineProposer:
-    """Builds the proposer the server would serve (``Engine.proposer``) in an actor."""
+    """Builds the proposer the server would serve (``Engine.proposer``) in an actor, its
+    scores calibrated as the server's for ``project`` (``Engine.calibration``)."""
 
     settings: ServerSettings
     method: str
     head: str | None
+    project: int | None = None
 
     def __call__(self, device: str) -> Proposer:
-        return Engine(replace(self.settings, device=device)).proposer(self.method, self.head)
+        engine = Engine(replace(self.settings, device=device))
+        proposer = engine.proposer(self.method, self.head)
+        # The actor's own engine built it, for this one project: setting its map is private.
+        proposer.calibration = engine.calibration(proposer, self.project, self.head)
+        return proposer
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ def predict_project_ray(
     if not items:
         return report
     errors = TaskErrors()
-    build = EngineProposer(engine.settings, parsed.method, head)
+    build = EngineProposer(engine.settings, parsed.method, head, project_id)
     finish = partial(finish_task, output=parsed.output, min_score=parsed.min_score,
                      version=version)  # fmt: skip
     with connected() as ray:

@@ -64,7 +64,7 @@ def predict_project(
         if task.get("id") in done:
             report.skipped += 1
         else:
-            prediction = engine.predict_task(task, parsed, head=head)
+            prediction = engine.predict_task(task, parsed, head=head, project_id=project_id)
             if prediction is None:  # failed for now (engine.py): the next run tries again
                 report.retry += 1
             else:

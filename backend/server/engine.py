@@ -21,6 +21,10 @@ version's head, read from SQLite per request, so a CLI ``models activate`` is se
 request), else its config's zero-shot method. ``head`` below is that head file (None: the
 method's default), threaded through planning, identities, proposers and every prediction.
 
+A prediction's ``score`` is calibrated where a map exists (``proposers/confidence.py``): a
+trained version's own, else the project's zero-shot map for that method and model, measured by
+its last training job (``learning/calibrations.py``, re-read when the file changes); else raw.
+
 A method's ``model_version`` is its identity (``models/identity.py``): ``/setup`` computes it
 from the method's plan without loading anything (it has 3 s); once the proposer is built, its
 own identity (from the files it loaded) is reported everywhere, and tests hold the two equal.
@@ -46,6 +50,7 @@ from typing import Any
 from ovss_label.logs import redact_text
 from ovss_label.ontologies import Vocabulary
 
+from ..learning.calibrations import ZeroShotCalibrations
 from ..learning.jobs import JobStore
 from ..learning.loop import LearningLoop
 from ..learning.versions import VersionStore
@@ -61,7 +66,8 @@ from ..proposers import (
     proposal_to_instances,
     propose,
 )
-from ..proposers.confidence import task_score
+from ..proposers.confidence import Calibration, task_score
+from ..proposers.refine import SamRefined
 from ..store import events_path
 from .choice import Choice, Chooser, ProposerCache
 from .events import EventStore
@@ -108,6 +114,22 @@ class Engine:
     def versions(self) -> VersionStore:
         """Each project's trained versions (``learning/versions.py``), same database."""
         return VersionStore(events_path(self.settings.data_dir), self.settings.data_dir)
+
+    @cached_property
+    def calibrations(self) -> ZeroShotCalibrations:
+        """Each project's zero-shot calibration maps (``learning/calibrations.py``)."""
+        return ZeroShotCalibrations(self.settings.data_dir)
+
+    def calibration(
+        self, proposer: Proposer, project_id: int | None, head: str | None
+    ) -> Calibration | None:
+        """The map a prediction's score goes through (module docstring): a trained head's
+        own; for a zero-shot method, the project's map measured on the same dense model."""
+        if head is not None or project_id is None:
+            return proposer.calibration
+        dense = proposer.dense if isinstance(proposer, SamRefined) else proposer
+        found = self.calibrations.get(project_id, dense.name, dense.model_version)
+        return found if found is not None else proposer.calibration
 
     def choice(self, project_id: int | None, config_method: str) -> Choice:
         """``(method, head)`` serving the project now: ``fmbseg[+sam]`` with its active
@@ -228,7 +250,7 @@ class Engine:
             except Exception as exc:  # e.g. missing weights: a logged reason, not a 500
                 log.warning("text prompt: %s: %s", type(exc).__name__, _safe(exc))
                 return [self._empty(project.method, head) for _ in tasks]
-        entries = await _each(self.tasks, self._entry, tasks, project, label, head)
+        entries = await _each(self.tasks, self._entry, tasks, project, label, head, project_id)
         empty = self._empty(project.method, head)
         return [empty if live and e == NOT_NOW else e for e in entries]
 
@@ -264,18 +286,21 @@ class Engine:
         }
 
     def _entry(
-        self, task: Any, project: Project, label: str | None, head: str | None
-    ) -> Prediction | list[Any]:
-        prediction = self.predict_task(task, project, label, head)
+        self, task: Any, project: Project, label: str | None, head: str | None,
+        project_id: int | None,
+    ) -> Prediction | list[Any]:  # fmt: skip
+        prediction = self.predict_task(task, project, label, head, project_id)
         return NOT_NOW if prediction is None else prediction
 
     def predict_task(
-        self, task: Any, project: Project, label: str | None = None, head: str | None = None
-    ) -> Prediction | None:
+        self, task: Any, project: Project, label: str | None = None, head: str | None = None,
+        project_id: int | None = None,
+    ) -> Prediction | None:  # fmt: skip
         """One task's prediction by ``project.method`` (with ``head``: see :meth:`served`); a
         permanent failure gives an empty one, a failure that may pass gives None (nothing to
         store now); either way a logged reason. ``label``, when given, names every instance (a
-        text prompt's answer is one project label)."""
+        text prompt's answer is one project label). ``project_id`` picks the project's
+        zero-shot calibration (:meth:`calibration`)."""
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             image = self._image(task, project)
@@ -283,12 +308,12 @@ class Engine:
             proposal = propose(proposer, image, project.vocabulary, self.cache)
             post = PostprocessConfig(min_score=project.min_score)  # the project's threshold
             instances = proposal_to_instances(proposal, post)
-            score = task_score(proposal, proposer.calibration)
+            score = task_score(proposal, self.calibration(proposer, project_id, head))
             for instance in instances if label is not None else []:
                 instance.label = label
         except Exception as exc:  # any failure stays this task's: the batch must go on
-            reason = f"{type(exc).__name__}: {_safe(exc)}"
-            if _transient(exc):
+            reason, transient = task_failure(exc)
+            if transient:
                 log.warning("task %s: no prediction now, to be retried: %s", task_id, reason)
                 return None
             log.warning("task %s: no prediction: %s", task_id, reason)
@@ -327,6 +352,12 @@ def _unavailable(name: str) -> Iterator[None]:
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
         raise ModelUnavailableError(f"{name} cannot be loaded: {reason}") from exc
+
+
+def task_failure(exc: Exception) -> tuple[str, bool]:
+    """How a task's failure is told: ``(reason without credentials, transient)``; the one rule
+    for the server, ``predict --project`` and its Ray path."""
+    return f"{type(exc).__name__}: {_safe(exc)}", _transient(exc)
 
 
 def _transient(exc: Exception) -> bool:
