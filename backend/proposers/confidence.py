@@ -5,19 +5,21 @@ project's ``model_version``) has the lowest score first (``projects/functions/ne
 and the Data Manager sorts by it. So the score must rank images by how likely the proposal is
 to be right, and a score of 0.8 should mean "about 80% of the pixels are right".
 
-- **Raw** (zero-shot methods): the mean over the image's pixels of the method's confidence in
-  its own decision, ``Proposal.top_confidence()`` (the winning class's probability, a hidden
-  background class included). Softmax probabilities of zero-shot models are not calibrated
-  (NACLIP's logit scale of 40 makes them over-confident), so a raw score ranks images but its
-  value is not a frequency.
-- **Calibrated** (trained versions): each continuous-learning job measures, on its held-out
+- **Raw** (zero-shot methods before a project's first training job, ``predict`` on folders):
+  the mean over the image's pixels of the method's confidence in its own decision,
+  ``Proposal.top_confidence()`` (the winning class's probability, a hidden background class
+  included). Softmax probabilities of zero-shot models are not calibrated (NACLIP's logit
+  scale of 40 makes them over-confident), so a raw score ranks images but its value is not a
+  frequency.
+- **Calibrated** (trained versions, and a project's zero-shot method once a job has measured
+  it: ``learning/calibrations.py``): each continuous-learning job measures, on its held-out
   tasks, how often a pixel's label is right at each raw confidence (a reliability histogram of
   20 bins, ``evaluation/calibration.py``) and fits a non-decreasing map from confidence to
   accuracy: isotonic regression (Zadrozny & Elkan 2002, scipy's ``isotonic_regression``) on
   the bins, weighted by their pixels. The map is saved beside the head as ``calibration.json``
-  and applied per pixel before the mean. A non-decreasing map keeps the order of pixels; the
-  score becomes the expected fraction of correctly labelled pixels, as measured on held-out
-  annotations of the same project.
+  (a zero-shot method's in the project's folder) and applied per pixel before the mean. A
+  non-decreasing map keeps the order of pixels; the score becomes the expected fraction of
+  correctly labelled pixels, as measured on held-out annotations of the same project.
 
 Both are in [0, 1]; a failed prediction (no image, a model error) scores 0, so it is the first
 one a person looks at.
