@@ -328,11 +328,7 @@ def learning_server(stack, tmp_path_factory):
     ls_url, _, _ = stack
     work = tmp_path_factory.mktemp("learn")
     port, data_dir = free_port(), work / "data"
-    command = [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--learn",
-               "--port", str(port), "--host", "127.0.0.1", "--data-dir", str(data_dir),
-               "--train-option=--epochs=1", "--train-option=--short-side=112",
-               "--train-option=--batch-size=4", "--gate-min-held-out", "1",
-               "--no-gate-zero-shot"]  # fmt: skip
+    command = _learn_command(port, data_dir)
     env = {**private_env(os.environ, work / "home"), "LABEL_STUDIO_URL": ls_url,
            "LABEL_STUDIO_API_KEY": TOKEN, "OVSS_OFFLINE": "1"}  # fmt: skip
     process = _start(command, env)
@@ -464,12 +460,16 @@ def _running_job_pid(learn_url: str, project: int, after: int) -> dict:
     raise AssertionError("no training subprocess started within 2 minutes")
 
 
-def _learn_command(port: int, data_dir: Path) -> list[str]:
-    return [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--learn",
-            "--port", str(port), "--host", "127.0.0.1", "--data-dir", str(data_dir),
-            "--train-option=--epochs=1", "--train-option=--short-side=112",
-            "--train-option=--batch-size=4", "--gate-min-held-out", "1",
-            "--no-gate-zero-shot", "--job-lease", "5"]  # fmt: skip
+def _learn_command(port: int, data_dir: Path, lease: int | None = None) -> list[str]:
+    """``serve --learn`` training a tiny head fast (1 epoch, small inputs); the gate promotes
+    a project's first version (tiny twins learn nothing a margin could show). ``lease``: the
+    job lease in seconds (a restarted server re-runs a dead one's job after it)."""
+    command = [str(Path(sys.executable).parent / "ovss-label"), "serve", "--tiny", "--learn",
+               "--port", str(port), "--host", "127.0.0.1", "--data-dir", str(data_dir),
+               "--train-option=--epochs=1", "--train-option=--short-side=112",
+               "--train-option=--batch-size=4", "--gate-min-held-out", "1",
+               "--no-gate-zero-shot"]  # fmt: skip
+    return command if lease is None else [*command, "--job-lease", str(lease)]
 
 
 def test_a_server_killed_mid_job_reruns_it_after_a_restart_and_activates_only_whole_versions(
@@ -488,7 +488,7 @@ def test_a_server_killed_mid_job_reruns_it_after_a_restart_and_activates_only_wh
     env = {**private_env(os.environ, tmp_path / "home"), "LABEL_STUDIO_URL": ls_url,
            "LABEL_STUDIO_API_KEY": TOKEN, "OVSS_OFFLINE": "1"}  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    server = _start(_learn_command(port, data_dir), env)
+    server = _start(_learn_command(port, data_dir, lease=5), env)
     wait_for(f"{url}/health", 120, server)
     client = LabelStudio(base_url=ls_url, api_key=TOKEN)
     project = client.projects.create(title="ovss crash", label_config=CONFIG)
@@ -512,7 +512,7 @@ def test_a_server_killed_mid_job_reruns_it_after_a_restart_and_activates_only_wh
         assert not os.path.exists(f"/proc/{running['pid']}") or _zombie(running["pid"])
         store = VersionStore(events_path(data_dir), data_dir)
         assert store.active(project.id) is None  # nothing half-done was activated
-        server = _start(_learn_command(port, data_dir), env)  # the same data directory
+        server = _start(_learn_command(port, data_dir, lease=5), env)  # the same data directory
         wait_for(f"{url}/health", 120, server)
         job = _ended_job(url, project.id, running["id"])  # re-queued once its lease expired
         assert job["state"] == "done" and job["attempts"] == 2, job

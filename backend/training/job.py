@@ -56,6 +56,12 @@ class Backbones:
     text_checkpoint: str | None = None
 
 
+def features_root(features_dir: Path | None = None) -> Path:
+    """The feature store's folder: ``features_dir``, else ``<cache>/features`` (``store.py``);
+    ``train --ray`` fills the same one."""
+    return features_dir or cache_dir() / "features"
+
+
 def run_training(
     truth: GroundTruth,
     run_dir: Path,
@@ -79,7 +85,7 @@ def run_training(
     with world.main_first():  # rank 0 downloads and encodes; the others find the files ready
         dinov2 = pool.load(WeightRef(models.backbone, models.checkpoint, models.tiny))
         clip = pool.load(WeightRef(models.text, models.text_checkpoint, models.tiny))
-        root = features_dir or cache_dir() / "features"
+        root = features_root(features_dir)
         store = FeatureStore(root).bind(dinov2, models.short_side)
         if world.is_main:
             dataset, built = build_training_set(truth, run_dir / "data", store, progress=prepare)

@@ -145,11 +145,11 @@ def _bar(world: World, description: str) -> AbstractContextManager[Any]:
 def _fill_on_ray(truth: Any, models: Any, pool: Any, options: dict[str, Any], on_ray: Any) -> None:
     """``--ray``: Ray actors fill the feature store first (``backend/scale/ray_features.py``)."""
     from ovss_label.backend.scale.ray_features import fill_feature_store
-    from ovss_label.backend.store import cache_dir
+    from ovss_label.backend.training.job import features_root
 
-    root = options["features_dir"] or cache_dir() / "features"  # run_training's default
     try:
-        report = fill_feature_store(truth, root, models, pool, options=on_ray)
+        report = fill_feature_store(truth, features_root(options["features_dir"]), models, pool,
+                                    options=on_ray)  # fmt: skip
     except RuntimeError as err:  # the cluster, a failed run (ValueError: the caller's)
         raise click.ClickException(str(err)) from err
     print_report(report, done="encoded on Ray")
