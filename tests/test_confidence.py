@@ -208,16 +208,8 @@ def test_a_project_without_a_version_scores_through_its_zero_shot_map(
 
 def test_the_zero_shot_map_is_for_the_dense_method_and_a_plain_name():
     from ovss_label.backend.learning.calibrations import dense_method, zero_shot_path
-    from ovss_label.backend.learning.worker import zero_shot_method
 
     assert dense_method("naclip+sam") == "naclip" and dense_method("clip_sam") == "clip_sam"
-    config = """<View><Image name="image" value="$image"/>
-<BrushLabels name="tag" toName="image" ovss_method="pnp_ovss+sam"><Label value="cat"/>
-</BrushLabels></View>"""
-    assert zero_shot_method(config, "naclip") == "pnp_ovss"  # the project's, not the server's
-    assert zero_shot_method(config.replace(' ovss_method="pnp_ovss+sam"', ""), "naclip+sam") == (
-        "naclip"
-    )
     with pytest.raises(ValueError, match="not a dense method name"):
         zero_shot_path(Path("/data"), 3, "../../etc/passwd")
 

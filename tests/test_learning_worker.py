@@ -109,3 +109,21 @@ def test_a_job_snapshots_trains_scores_and_promotes_a_version(tmp_path, monkeypa
     assert saved["pixels"] == sum(c["pixels"] for c in zero_shot["per_class"].values())
     expected = Reliability.from_json(zero_shot["reliability"]).fit()
     assert Calibration.from_json(saved) == expected
+
+
+def test_a_projects_zero_shot_baseline_is_its_own_method_with_the_servers_head(tmp_path):
+    from pathlib import Path
+
+    from ovss_label.backend.learning.worker import _zero_shot_spec, zero_shot_method
+
+    config = CONFIG.replace('toName="image">', 'toName="image" ovss_method="fmbseg+sam">')
+    assert zero_shot_method(config, "naclip") == "fmbseg"  # the config's, without SAM
+    assert zero_shot_method(CONFIG, "pnp_ovss+sam") == "pnp_ovss"  # else the server's
+    assert zero_shot_method("<View>not a config", "naclip+sam") == "naclip"
+    plain = WorkerSettings(tmp_path, "http://ls", "key")
+    assert _zero_shot_spec("pnp_ovss", plain) == ("pnp_ovss", None)
+    # fmbseg has no default head: scored with the server's, not at all without one (the
+    # server could not serve such a project either).
+    assert _zero_shot_spec("fmbseg", plain) is None
+    served = WorkerSettings(tmp_path, "http://ls", "key", zero_shot_head="/heads/run")
+    assert _zero_shot_spec("fmbseg", served) == ("fmbseg", Path("/heads/run"))

@@ -68,6 +68,9 @@ class WorkerSettings:
         ls_url: Label Studio's URL; ``api_key`` its token (for snapshots and images).
         zero_shot: The method of a project whose labeling config names none (without
             ``+sam``, the gate's baseline for the first version).
+        zero_shot_head: The head the server's ``fmbseg`` uses for projects without a trained
+            version (``serve --fmbseg-head``); a project whose zero-shot method is ``fmbseg``
+            is scored with it, or not at all without one.
         fraction: Held-out share of the tasks (sticky per task).
         train_options: Extra ``ovss-label train`` options (``--epochs``, ``--short-side``...).
         tiny: Tiny random twins (tests).
@@ -80,6 +83,7 @@ class WorkerSettings:
     ls_url: str
     api_key: str = field(repr=False)
     zero_shot: str = "naclip"
+    zero_shot_head: str | None = None
     fraction: float = 0.2
     train_options: tuple[str, ...] = ()
     tiny: bool = False
@@ -199,7 +203,7 @@ def _score_all(
     active = versions.active(job.project)
     heads = {"candidate": (TRAINED_METHOD, run),
              "active": (TRAINED_METHOD, versions.head_path(active)) if active else None,
-             "zero_shot": (zero_shot, None)}  # fmt: skip
+             "zero_shot": _zero_shot_spec(zero_shot, settings)}  # fmt: skip
     found: dict[str, HeldOutScores | None] = {}
     for name, spec in heads.items():
         if spec is None:
@@ -214,6 +218,14 @@ def _score_all(
     candidate = found["candidate"]
     assert candidate is not None
     return candidate, found["active"], found["zero_shot"]
+
+
+def _zero_shot_spec(method: str, settings: WorkerSettings) -> tuple[str, Path | None] | None:
+    """``(method, head)`` to score a project's zero-shot method with: ``fmbseg`` needs the
+    server's head (None: not scored, as the server cannot serve it either)."""
+    if method != TRAINED_METHOD:
+        return method, None
+    return (method, Path(settings.zero_shot_head)) if settings.zero_shot_head else None
 
 
 def held_out_scores(path: Path, method: str) -> HeldOutScores:
@@ -238,6 +250,8 @@ def _save_zero_shot_calibration(
     """The project's zero-shot map from ``eval-zero_shot.json`` (``calibrations.py``); a
     failure is logged: raw scores are a fallback, not a reason to fail a trained job."""
     scored = work / "eval-zero_shot.json"
+    if not scored.is_file():  # not scored (``_zero_shot_spec``)
+        return
     try:
         version = json.loads(scored.read_text(encoding="utf-8"))["methods"][method]
         write_zero_shot(settings.data_dir, job.project, method, version["model_version"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..learning.loop import LearningLoop
 from ..learning.triggers import TriggerPolicy
 from ..learning.worker import WorkerSettings
@@ -24,9 +26,10 @@ def learning_loop(settings: ServerSettings) -> LearningLoop:
             "projects' annotations and images from Label Studio"
         )
     url, token = media.ls_url, media.ls_token
+    head = settings.fmbseg_head or os.environ.get("OVSS_FMBSEG_HEAD")  # what Engine.plan uses
     worker = WorkerSettings(settings.data_dir, url, token, zero_shot=settings.method,
-                            tiny=settings.tiny, train_options=settings.train_options,
-                            gate=settings.gate)  # fmt: skip
+                            zero_shot_head=head, tiny=settings.tiny,
+                            train_options=settings.train_options, gate=settings.gate)  # fmt: skip
     policy = TriggerPolicy(min_new_annotations=settings.train_every,
                            schedule=settings.train_schedule)  # fmt: skip
 
