@@ -59,6 +59,7 @@ FAST_TESTS = {
         "tests/test_mutants_ls.py",
         "tests/test_mutants_ls_tasks.py",
         "tests/test_mutants_overlay.py",
+        "tests/test_mutants_polygons.py",
         "tests/test_polygons.py",
         "tests/test_predict_cli.py",  # overlays
         "tests/test_project_config.py",  # ls_project

@@ -20,8 +20,10 @@ Format contract
   holes with fewer, and no polygon with a smaller (shapely) area is returned. The iso-0.5 outline
   is up to 0.5 px^2 smaller than its part's pixel count (each cut convex corner takes 1/8 px^2),
   and simplification moves it further: a part with enough pixels whose polygon falls short gets
-  its pixel-edge outline instead (concave corners cut, area >= pixel count, still exact). So a
-  part of >= ``min_area`` pixels keeps one polygon and no part below it is written.
+  its pixel-edge outline instead (concave corners cut, area >= pixel count, still exact), and
+  so does, without tracing twice, one with fewer than ``min_area + 0.5`` pixels (its outline
+  may fall short). So a part of >= ``min_area`` pixels keeps one polygon and no part below it
+  is written.
   ``--min-area`` (a fraction of the image) converts with ``instance.min_area_pixels``.
 - COCO polygon lists (``[[x1, y1, x2, y2, ...], ...]``) cannot hold holes: their rings are
   unioned. Label Studio ``PolygonLabels`` cannot hold holes either. A mask with holes is exact
