@@ -25,6 +25,7 @@ from ovss_label.converters import ResultTargets
 
 from ..jobs import JobReport
 from ..proposers import PostprocessConfig, Proposer, proposal_to_instances
+from ..proposers.confidence import Calibration
 from ..server.batch import project_work
 from ..server.engine import Engine, task_failure
 from ..server.media import MediaError, MediaFetcher
@@ -49,19 +50,19 @@ class TaskErrors:
 
 @dataclass(frozen=True)
 class EngineProposer:
-    """Builds the proposer the server would serve (``Engine.proposer``) in an actor, its
-    scores calibrated as the server's for ``project`` (``Engine.calibration``)."""
+    """Builds the proposer the server would serve (``Engine.proposer``) in an actor; with
+    ``calibration`` (the project's zero-shot map, read by the driver: workers need not see
+    its data directory), its scores go through it as the server's do."""
 
     settings: ServerSettings
     method: str
     head: str | None
-    project: int | None = None
+    calibration: Calibration | None = None
 
     def __call__(self, device: str) -> Proposer:
-        engine = Engine(replace(self.settings, device=device))
-        proposer = engine.proposer(self.method, self.head)
-        # The actor's own engine built it, for this one project: setting its map is private.
-        proposer.calibration = engine.calibration(proposer, self.project, self.head)
+        proposer = Engine(replace(self.settings, device=device)).proposer(self.method, self.head)
+        if self.calibration is not None:  # the actor's own proposer: the map is private to it
+            proposer.calibration = self.calibration
         return proposer
 
 
@@ -107,7 +108,8 @@ def predict_project_ray(
     if not items:
         return report
     errors = TaskErrors()
-    build = EngineProposer(engine.settings, parsed.method, head, project_id)
+    calibration = engine.zero_shot_calibration(project_id, head, parsed.method)
+    build = EngineProposer(engine.settings, parsed.method, head, calibration)
     finish = partial(finish_task, output=parsed.output, min_score=parsed.min_score,
                      version=version)  # fmt: skip
     with connected() as ray:

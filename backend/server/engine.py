@@ -50,7 +50,7 @@ from typing import Any
 from ovss_label.logs import redact_text
 from ovss_label.ontologies import Vocabulary
 
-from ..learning.calibrations import ZeroShotCalibrations
+from ..learning.calibrations import ZeroShotCalibrations, dense_method
 from ..learning.jobs import JobStore
 from ..learning.loop import LearningLoop
 from ..learning.versions import VersionStore
@@ -125,11 +125,21 @@ class Engine:
     ) -> Calibration | None:
         """The map a prediction's score goes through (module docstring): a trained head's
         own; for a zero-shot method, the project's map measured on the same dense model."""
-        if head is not None or project_id is None:
-            return proposer.calibration
         dense = proposer.dense if isinstance(proposer, SamRefined) else proposer
-        found = self.calibrations.get(project_id, dense.name, dense.model_version)
+        found = self.zero_shot_calibration(project_id, head, dense.name, dense.model_version)
         return found if found is not None else proposer.calibration
+
+    def zero_shot_calibration(
+        self, project_id: int | None, head: str | None, method: str, version: str | None = None
+    ) -> Calibration | None:
+        """The project's map for ``method``'s dense part measured on ``version`` (default: the
+        dense method's ``model_version``, planned); None with a trained ``head``, without a
+        project, or when no job has measured it."""
+        if head is not None or project_id is None:
+            return None
+        dense = dense_method(method)
+        measured = version if version is not None else self.model_version(dense)
+        return self.calibrations.get(project_id, dense, measured)
 
     def choice(self, project_id: int | None, config_method: str) -> Choice:
         """``(method, head)`` serving the project now: ``fmbseg[+sam]`` with its active
