@@ -141,6 +141,22 @@ def test_claim_by_kind(store: JobStore) -> None:
     assert store.claim("w", LEASE) == store.get(train.id)
 
 
+def test_claim_keeps_at_most_max_running_jobs_under_live_leases(
+    store: JobStore, clock: FakeClock
+) -> None:
+    """Replicas on one data directory train one job at a time (``serve --max-training-jobs``):
+    a second project's job waits while the first runs, not after its worker died."""
+    first, second = store.enqueue(1), store.enqueue(2)
+    assert store.claim("replica-a", LEASE, max_running=1) == store.get(first.id)
+    assert store.claim("replica-b", LEASE, max_running=1) is None
+    assert store.claim("replica-b", LEASE, max_running=2) == store.get(second.id)  # 2 allowed
+    assert store.finish(first.id, "replica-a", "done").state is JobState.DONE
+    assert store.claim("replica-b", LEASE, max_running=1) is None  # the second still runs
+    clock.advance(LEASE + 1)  # its worker died: a lapsed lease does not block the others
+    third = store.enqueue(3)
+    assert store.claim("replica-b", LEASE, max_running=1) == store.get(third.id)
+
+
 def test_claim_needs_an_owner_and_a_lease(store: JobStore) -> None:
     store.enqueue(1)
     for owner, lease in (("", LEASE), ("w", 0.0)):

@@ -76,6 +76,21 @@ def test_a_job_that_raises_is_released_for_another_attempt(setup):
     assert "RuntimeError: out of memory" in done.reason
 
 
+def test_a_replica_waits_while_another_trains(setup):
+    """Two loops on one data directory (``serve --learn`` replicas): one job trains at a time
+    by default, so a second project's job waits for the first's end."""
+    loop, clock, ran = setup
+    replica = LearningLoop(loop.database, loop.settings, loop.policy, lambda: object(),
+                           lease_seconds=60, clock=clock)  # fmt: skip
+    first = loop.jobs.enqueue(1)
+    assert loop.jobs.claim(loop.owner, 60) is not None  # the other replica is training it
+    second = loop.jobs.enqueue(2)
+    assert replica.tick() is None and ran == []
+    loop.jobs.finish(first.id, loop.owner, "done")
+    done = replica.tick()
+    assert done is not None and done.id == second.id and ran == [second.id]
+
+
 def test_the_webhook_feeds_the_loop_and_answers_at_once(setup, tmp_path):
     from fastapi.testclient import TestClient
 

@@ -235,17 +235,25 @@ class JobStore:
                 return _job(active)
             return self._load(db, int(cursor.lastrowid or 0))
 
-    def claim(self, owner: str, lease_seconds: float, *, kind: str | None = None) -> Job | None:
+    def claim(
+        self, owner: str, lease_seconds: float, *, kind: str | None = None,
+        max_running: int | None = None,
+    ) -> Job | None:  # fmt: skip
         """Takes the oldest queued job (of ``kind``, when given): running, attempts + 1, the
-        lease to ``owner`` for ``lease_seconds``. None when nothing is queued.
+        lease to ``owner`` for ``lease_seconds``. None when nothing is queued, or when
+        ``max_running`` jobs (of ``kind``) already run under a live lease (one whose lease
+        lapsed does not count: it is for ``recover_stale``).
 
         One ``BEGIN IMMEDIATE`` transaction reads and updates, so concurrent workers (threads,
-        processes, replicas on one file) never claim the same job.
+        processes, replicas on one file) never claim the same job, nor together pass
+        ``max_running``.
         """
         if not owner or lease_seconds <= 0:
             raise JobError(f"claim needs an owner and a lease > 0, not {owner!r}, {lease_seconds}")
         with self._write() as db:
             now = self._clock()
+            if max_running is not None and self._running(db, kind, now) >= max_running:
+                return None
             sql = "SELECT id FROM jobs WHERE state = 'queued' AND kind = COALESCE(?, kind)"
             row = db.execute(sql + " ORDER BY id LIMIT 1", (kind,)).fetchone()
             if row is None:
@@ -257,6 +265,13 @@ class JobStore:
                 (owner, lease_seconds, now + lease_seconds, now, now, row["id"]),
             )
             return self._load(db, row["id"])
+
+    @staticmethod
+    def _running(db: sqlite3.Connection, kind: str | None, now: float) -> int:
+        sql = ("SELECT COUNT(*) FROM jobs WHERE state = 'running' AND kind = COALESCE(?, kind)"
+               " AND lease_expires_at > ?")  # fmt: skip
+        count: int = db.execute(sql, (kind, now)).fetchone()[0]
+        return count
 
     def heartbeat(
         self, job_id: int, owner: str, progress: float | None = None, pid: int | None = None

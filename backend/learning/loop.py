@@ -12,7 +12,9 @@
   of edits or a second click on "Start training" gives one job.
 
 Several replicas may share one data directory: claims are atomic and leases expire, so only
-one replica trains a given job, and a replica killed mid-job leaves it to be re-queued.
+one replica trains a given job, and a replica killed mid-job leaves it to be re-queued. At
+most ``max_running`` jobs (default 1) train at once across all of them: training takes a
+machine's cores or its GPU, and replicas on one host would fight for them.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ class LearningLoop:
         client_factory: Callable[[], Any],
         *,
         lease_seconds: float = 120.0,
+        max_running: int | None = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.database, self.settings, self.policy = database, settings, policy
+        self.max_running = max_running
         self.client_factory, self.lease_seconds, self.clock = client_factory, lease_seconds, clock
         self.jobs = JobStore(database, clock=clock)
         self.versions = VersionStore(database, settings.data_dir, clock=clock)
@@ -97,7 +101,7 @@ class LearningLoop:
             reason = due(state, now, self.policy)
             if reason is not None:
                 self._queue(project, reason, state, now)
-        job = self.jobs.claim(self.owner, self.lease_seconds)
+        job = self.jobs.claim(self.owner, self.lease_seconds, max_running=self.max_running)
         if job is None:
             return None
         log.info("training job %d for project %d started", job.id, job.project)

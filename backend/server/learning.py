@@ -39,4 +39,5 @@ def learning_loop(settings: ServerSettings) -> LearningLoop:
         return make_client(url, token)
 
     return LearningLoop(events_path(settings.data_dir), worker, policy, client,
-                        lease_seconds=settings.job_lease_seconds)  # fmt: skip
+                        lease_seconds=settings.job_lease_seconds,
+                        max_running=settings.max_training_jobs)  # fmt: skip

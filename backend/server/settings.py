@@ -109,6 +109,8 @@ class ServerSettings:
         gate: The promotion gate (``learning/gate.py``: held-out tasks needed, margin, ...).
         job_lease_seconds: How long a training job stays claimed without a heartbeat (one a
             second while it runs); after a crash the job is re-queued once its lease expires.
+        max_training_jobs: Training jobs running at once across every server sharing the data
+            directory (replicas): each takes the cores or the GPU of its host.
     """
 
     method: str = "naclip"
@@ -131,3 +133,4 @@ class ServerSettings:
     train_options: tuple[str, ...] = ()
     gate: GateConfig = field(default_factory=GateConfig)
     job_lease_seconds: float = 120.0
+    max_training_jobs: int = 1

@@ -81,6 +81,9 @@ from ovss_label.methods import METHODS, SAM_MODELS
 @click.option("--job-lease", default=120.0, show_default=True,
               help="With --learn: seconds a job stays claimed without a heartbeat (after a "
               "crash it is re-queued once this has passed).")  # fmt: skip
+@click.option("--max-training-jobs", default=1, show_default=True, type=click.IntRange(1),
+              help="With --learn: training jobs running at once across every replica that "
+              "shares --data-dir.")  # fmt: skip
 @tiny_option
 @click.option(
     "--log-level",
@@ -92,7 +95,8 @@ from ovss_label.methods import METHODS, SAM_MODELS
 def serve(
     host, port, method, sam_model, data_dir, workers, device, head, basic_auth_user,
     basic_auth_pass, basic_auth_pass_file, webhook_token, learn, train_every, train_schedule,
-    train_options, gate_min_held_out, gate_margin, gate_zero_shot, job_lease, tiny, log_level,
+    train_options, gate_min_held_out, gate_margin, gate_zero_shot, job_lease, max_training_jobs,
+    tiny, log_level,
 ) -> None:  # fmt: skip
     """Serve Label Studio's ML-backend protocol (/health, /setup, /predict, /webhook).
 
@@ -126,7 +130,7 @@ def serve(
             train_schedule=train_schedule, train_options=tuple(train_options),
             gate=GateConfig(min_held_out=gate_min_held_out, margin=gate_margin,
                             compare_zero_shot=gate_zero_shot),
-            job_lease_seconds=job_lease,
+            job_lease_seconds=job_lease, max_training_jobs=max_training_jobs,
             basic_user=basic_auth_user, basic_password=basic_auth_pass,
             webhook_token=webhook_token, media=media,
         )  # fmt: skip
