@@ -32,7 +32,7 @@ from ovss_label.converters import (
     polygons_to_mask,
     rectangle_corners,
 )
-from ovss_label.converters.instance import min_area_pixels
+from ovss_label.converters.instance import mask_has_holes, min_area_pixels
 from ovss_label.converters.labelme import instance_shapes
 from ovss_label.converters.yolo import yolo_lines
 
@@ -236,3 +236,22 @@ def test_min_area_may_be_the_whole_image() -> None:
     assert min_area_pixels(1.0, 10, 20) == 200  # --min-area 1: only a mask covering everything
     with pytest.raises(ValueError, match=r"in \[0, 1\], got 1.5"):
         min_area_pixels(1.5, 10, 20)
+
+
+# ---- instance.py: the mask contract and its errors ---------------------------------------------
+def test_an_instance_refuses_what_is_not_a_mask_and_says_why() -> None:
+    with pytest.raises(ValueError, match=r"must be 2-D \(H, W\), got shape \(2, 3, 4\)"):
+        Instance(np.ones((2, 3, 4), bool), "cat")
+    with pytest.raises(ValueError, match="of kind 'polygon' needs its source polygons"):
+        Instance(np.ones((2, 3), bool), "cat", kind="polygon")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+def test_holes_are_found_in_any_mask_where_non_zero_means_inside(dtype: Any) -> None:
+    """A 0/1 mask of another dtype is the same mask (``~`` of a uint8 1 is 254, not False)."""
+    ring = np.zeros((9, 9), dtype)
+    ring[2:7, 2:7] = 1
+    assert not mask_has_holes(ring)
+    ring[4, 4] = 0
+    assert mask_has_holes(ring)
+    assert mask_has_holes(ring.astype(bool))
