@@ -67,9 +67,14 @@ FAST_TESTS = {
         "tests/test_yolo_labelme.py",
     ],
     "backend/server": [
+        "tests/test_cli_options.py",  # MediaPolicy.from_env, serve's options
         "tests/test_identity.py",
+        "tests/test_learning_jobs_api.py",  # /jobs and the report files
+        "tests/test_learning_loop.py",  # learning_loop(settings)
+        "tests/test_learning_serving.py",  # Chooser: versions, missing heads
         "tests/test_logs.py",
         "tests/test_media.py",
+        "tests/test_mutants_server.py",
         "tests/test_project_config.py",
         "tests/test_server.py",
         "tests/test_server_hardening.py",

@@ -55,15 +55,33 @@ def test_a_jobs_report_is_served_from_the_data_directory_and_nothing_else(tmp_pa
     picture = client.get(f"/jobs/{done.id}/report.png")
     assert picture.headers["content-type"] == "image/png"
     assert picture.content.startswith(b"\x89PNG")
-    assert client.get(f"/jobs/{done.id}/log").status_code == 404
-    assert "no training job 99" in client.get("/jobs/99/report").json()["detail"]
+    assert (
+        _not_found(client, f"/jobs/{done.id}/log") == "a job has report and report.png, not 'log'"
+    )
+    assert _not_found(client, "/jobs/99/report") == "no training job 99"
     queued = engine.jobs.enqueue(4)
-    assert "has no report (queued)" in client.get(f"/jobs/{queued.id}/report").json()["detail"]
+    assert _not_found(client, f"/jobs/{queued.id}/report") == (
+        f"training job {queued.id} has no report (queued)"
+    )
+    (work / "report.png").unlink()
+    assert _not_found(client, f"/jobs/{done.id}/report.png") == (
+        f"training job {done.id}: its report file is gone"
+    )
     # A result naming a file outside the data directory is never read.
     (tmp_path.parent / "secret.json").write_text("{}")
     engine.jobs.claim("worker-1", lease_seconds=60)
     engine.jobs.finish(queued.id, "worker-1", "rejected", result={"report": "../secret.json"})
-    assert client.get(f"/jobs/{queued.id}/report").status_code == 404
+    assert _not_found(client, f"/jobs/{queued.id}/report") == (
+        f"training job {queued.id}: its report file is gone"
+    )
+
+
+def _not_found(client: TestClient, url: str) -> str:
+    """The detail of a 404 answer (any other status fails)."""
+    answer = client.get(url)
+    assert answer.status_code == 404, (url, answer.status_code)
+    detail: str = answer.json()["detail"]
+    return detail
 
 
 def test_the_jobs_command_shows_the_gates_numbers_and_the_report(tmp_path):

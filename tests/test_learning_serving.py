@@ -135,8 +135,18 @@ def test_a_version_without_its_head_file_falls_back_with_a_warning(served, tiny_
     assert _setup(client, "5.1763719200") == engine.model_version("naclip")
     (prediction,) = _predict(client, 5)
     assert prediction["model_version"] == engine.model_version("naclip")
-    warnings = [r for r in caplog.records if "has no head file" in r.getMessage()]
-    assert len(warnings) == 1 and "project 5" in warnings[0].getMessage()  # once, not per call
+    other = _promote(data, 6, tiny_head)  # warned about too: once per version, not once
+    VersionStore(events_path(data), data).head_path(other).unlink()
+    _predict(client, 6)
+    _predict(client, 5)
+    warnings = [r.getMessage() for r in caplog.records if "has no head file" in r.getMessage()]
+    store = VersionStore(events_path(data), data)
+    assert warnings == [  # once per version, not per call
+        f"project {v.project}: active version {v.name} has no head file at "
+        f"{store.head_path(v)}; serving the zero-shot method (`ovss-label models activate` "
+        "another version or retrain)"
+        for v in (version, other)
+    ]
 
 
 def test_versions_lists_each_projects_versions(served, tiny_head):
@@ -201,3 +211,31 @@ def test_predict_project_posts_the_projects_active_version(served, tiny_head):
     report = predict_project(engine, fake, 5)
     assert report.done == 1 and report.model_version == active.model_version
     assert [p["model_version"] for p in posted] == [active.model_version]
+
+
+def test_text_prompts_and_clicks_are_answered_by_the_projects_version(served, tiny_head):
+    """A TextArea query runs the project's trained version (its head, not the server's: this
+    server has none), and a click's answer carries that version too."""
+    client, _, data = served
+    version = _promote(data, 5, tiny_head)
+    config = CONFIG.replace(
+        "</View>",
+        '<TextArea name="prompt" toName="image"/>'
+        '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Cat"/>'
+        "</KeyPointLabels>"
+        "</View>",
+    )
+    text = {"type": "textarea", "value": {"text": ["kitten"]}, "from_name": "prompt",
+            "to_name": "image"}  # fmt: skip
+    click = {"type": "keypointlabels", "value": {"x": 50, "y": 50, "keypointlabels": ["Cat"]},
+             "from_name": "kp", "to_name": "image", "original_width": 60,
+             "original_height": 40}  # fmt: skip
+    task = {"id": 1, "data": {"image": "/data/local-files/?d=photos/a.png"}, "project": 5}
+    for region in (text, click):
+        body = {"tasks": [task], "label_config": config, "project": "5.1763719200",
+                "params": {"context": {"result": [region]}}}  # fmt: skip
+        (prediction,) = client.post("/predict", json=body).json()["results"]
+        assert prediction["model_version"] == version.model_version
+        assert prediction["result"], region["type"]  # answered, not an empty failure
+        labels = {r["value"].get("brushlabels", ["?"])[0] for r in prediction["result"]}
+        assert labels == {"Cat"}

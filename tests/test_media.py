@@ -113,6 +113,9 @@ def test_label_studio_media_paths_get_the_token(path):
         "/data/upload/../../api/current-user/whoami",
         "/data/upload/%2e%2e/%2e%2e/api/current-user/whoami",
         "/tasks/42/presign/../../api/users/",
+        "/data/upload/.",  # Label Studio's upload folder itself, not a file in it
+        "/data/upload/%2e",
+        "/data/upload/3/./a.png",
     ],
 )
 def test_other_label_studio_paths_are_refused_without_a_request(url):

@@ -206,9 +206,11 @@ def test_webhooks_are_recorded_and_answered_at_once(server):
             "annotation": [{"id": 502}, {"id": 503}]}  # fmt: skip
     deleted = {"action": "ANNOTATIONS_DELETED", "project": project, "annotations": [{"id": 501}]}
     training = {"action": "START_TRAINING", "project": project}
+    answers = []
     for payload in (created, bulk, deleted, training):
         response = client.post("/webhook", json=payload)
-        assert response.status_code == 201 and response.json()["status"] == "ok"
+        assert response.status_code == 201
+        answers.append(response.json())
     other = client.post("/webhook", json={"action": "TASKS_CREATED", "project": project})
     assert other.status_code == 200 and other.json()["status"] == "Unknown event"
     events = engine.events.all()
@@ -218,6 +220,7 @@ def test_webhooks_are_recorded_and_answered_at_once(server):
     assert events[1]["annotation_ids"] == [502, 503] and events[2]["annotation_ids"] == [501]
     assert all(e["project_id"] == 3 for e in events)
     assert json.loads(events[3]["payload"])["action"] == "START_TRAINING"
+    assert answers == [{"status": "ok", "result": {"event": e["id"]}} for e in events]
 
 
 def test_basic_auth_everywhere_and_the_webhook_token(tmp_path):

@@ -43,11 +43,29 @@ class HandMade:
 
 
 def test_label_for_text_takes_the_nearest_label_not_the_first():
-    vocab = Vocabulary(LABELS, (("cat", "kitten"), ("dog",), ("cup",)))
-    assert label_for_text("KITTEN", vocab, None) == "Cat"  # a synonym, any case: by rule
+    vocab = Vocabulary(LABELS, (("cat", "kitten"), ("hound", "Puppy"), ("cup",)))
+    # A label or a synonym, in any case, wins by rule (no embedder needed) ...
+    assert label_for_text("PUPPY", vocab, None) == "Dog"
+    assert label_for_text("dOG", vocab, None) == "Dog"
+    assert label_for_text("KITTEN", vocab, None) == "Cat"
+    assert label_for_text("giraffe", vocab, None) == "Cat"  # ... else the first without one
     embedder = HandMade({"giraffe": [0.1, 0.2, 0.9], "puppy": [0.2, 0.9, 0.1]})
     assert label_for_text("giraffe", vocab, embedder) == "Cup"
-    assert label_for_text("puppy", vocab, embedder) == "Dog"
+    assert label_for_text("wolf", vocab, HandMade({"wolf": [0.2, 0.9, 0.1]})) == "Dog"
+
+
+def test_label_for_text_embeds_the_query_with_the_projects_templates():
+    seen = []
+
+    class Recording(HandMade):
+        def query_features(self, vocabulary):
+            seen.append(vocabulary.templates)
+            return super().query_features(vocabulary)
+
+    templates = ("a photo of a {}.", "a drawing of a {}.")
+    vocab = Vocabulary(LABELS, (("cat",), ("dog",), ("cup",)), templates)
+    assert label_for_text("giraffe", vocab, Recording({"giraffe": [0, 0, 1.0]})) == "Cup"
+    assert seen == [templates, templates]  # the labels' and the query's embeddings alike
 
 
 @pytest.mark.parametrize("method", METHODS)

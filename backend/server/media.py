@@ -76,7 +76,9 @@ def redact(url: str) -> str:
     """``url`` without its query string and user info (safe to log)."""
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]  # no user info; the port as written
-    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else parts.path
+    if parts.scheme:
+        return f"{parts.scheme}://{host}{parts.path}"
+    return f"//{host}{parts.path}" if host else parts.path  # protocol-relative keeps its host
 
 
 def origin(url: str) -> tuple[str, str, int] | None:
