@@ -6,11 +6,15 @@ environment configures media, ...
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from ovss_label.backend.server import MediaPolicy, ServerSettings
+from ovss_label.backend.server.media import MediaFetcher
 
 MEDIA_ENV = (
     "LABEL_STUDIO_URL",
@@ -215,7 +219,7 @@ def test_a_failed_download_says_what_failed_without_the_query_and_may_be_retried
     ]  # fmt: skip
     for exc, message, transient in cases:
         with pytest.raises(MediaError) as failed:
-            _failing_fetcher(exc).download(url)  # type: ignore[attr-defined]
+            _failing_fetcher(exc).download(url)
         assert (str(failed.value), failed.value.transient) == (message, transient)
 
 
@@ -336,10 +340,10 @@ def _ask(client: object, config: str, regions: list[dict[str, object]]) -> dict[
     body = {"tasks": [{"id": 9, "data": {"image": "/data/local-files/?d=a.png"}}],
             "project": "3.1763719200", "label_config": config,
             "params": {"context": {"result": regions}}}  # fmt: skip
-    answer = client.post("/predict", json=body)  # type: ignore[attr-defined]
+    answer = client.post("/predict", json=body)
     assert answer.status_code == 200, answer.text
     (prediction,) = answer.json()["results"]
-    return prediction  # type: ignore[no-any-return]
+    return prediction
 
 
 def test_clicks_give_sam_predictors_best_mask_and_a_box_its_single_mask(clicks_server) -> None:
@@ -497,3 +501,169 @@ def test_a_url_in_a_message_has_no_user_info_query_or_fragment(url: str, shown: 
     from ovss_label.backend.server.media import redact
 
     assert redact(url) == shown
+
+
+def _hops(answer: Any, **policy: Any) -> MediaFetcher:
+    import httpx
+
+    return MediaFetcher(MediaPolicy(**policy), httpx.MockTransport(answer))
+
+
+def test_exactly_max_redirects_are_followed_relative_locations_included() -> None:
+    """``max_redirects`` = 3 follows three hops and refuses the fourth, naming the last URL."""
+    import httpx
+
+    from ovss_label.backend.server.media import MediaError
+
+    def chain(request: httpx.Request) -> httpx.Response:
+        hop = int(request.url.path.strip("/h") or 0)  # /h0 -> /h1 -> ... (relative locations)
+        if hop == int(request.url.params["stop"]):
+            return httpx.Response(200, content=b"image bytes")
+        return httpx.Response(
+            302, headers={"location": f"h{hop + 1}?stop={request.url.params['stop']}"}
+        )
+
+    fetcher = _hops(chain)
+    assert fetcher.download("http://media.test/h0?stop=3") == b"image bytes"
+    with pytest.raises(MediaError) as refused:
+        fetcher.download("http://media.test/h0?stop=4")
+    assert str(refused.value) == "more than 3 redirects from http://media.test/h4"
+    assert not refused.value.transient
+
+    def nowhere(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302)  # a redirect without a location: the same URL again
+
+    with pytest.raises(
+        MediaError, match=re.escape("more than 1 redirects from http://media.test/a.png")
+    ):
+        _hops(nowhere, max_redirects=1).download("http://media.test/a.png")
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [(404, False), (410, False), (400, False), (429, True), (401, True), (500, True), (503, True)],
+)
+def test_an_http_error_may_be_retried_only_when_it_may_pass(status: int, transient: bool) -> None:
+    import httpx
+
+    from ovss_label.backend.server.media import MediaError
+
+    with pytest.raises(MediaError) as failed:
+        _hops(lambda request: httpx.Response(status)).download("http://media.test/a.png?sig=x")
+    assert str(failed.value) == f"http://media.test/a.png answered HTTP {status}"
+    assert failed.value.transient is transient
+
+
+def test_a_body_that_breaks_off_is_a_transient_failure() -> None:
+    import httpx
+
+    from ovss_label.backend.server.media import MediaError
+
+    class Broken(httpx.SyncByteStream):
+        def __iter__(self) -> Any:
+            yield b"\x89PNG"
+            raise httpx.RemoteProtocolError("peer closed connection")
+
+    with pytest.raises(MediaError) as failed:
+        _hops(lambda request: httpx.Response(200, stream=Broken())).download(
+            "http://media.test/a.png?sig=x"
+        )
+    assert str(failed.value) == "http://media.test/a.png failed: RemoteProtocolError"
+    assert failed.value.transient is True
+
+
+def test_the_download_budget_covers_every_hop() -> None:
+    import time
+
+    import httpx
+
+    from ovss_label.backend.server.media import MediaError
+
+    def slow_redirect(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/a.png":
+            time.sleep(0.3)
+            return httpx.Response(302, headers={"location": "/b.png"})
+        return httpx.Response(200, content=b"image bytes")
+
+    assert _hops(slow_redirect, download_timeout=0.9).download("http://media.test/a.png")
+    with pytest.raises(MediaError) as late:
+        _hops(slow_redirect, download_timeout=0.2).download("http://media.test/a.png")
+    assert str(late.value) == (
+        "http://media.test/b.png took longer than the 0.2 s download budget (OVSS_DOWNLOAD_TIMEOUT)"
+    )
+    assert late.value.transient is True
+
+
+def test_predict_project_posts_new_skips_done_retries_transient_and_empties_broken(
+    tmp_path: Path,
+) -> None:
+    """``predict --project``: every task of the project, read from the SDK's task models; a
+    task with this model's prediction is skipped, a good one gets its prediction, a broken
+    image an empty one, a 503 none (the next run retries it); the report and progress count
+    them all."""
+    import httpx
+    from label_studio_sdk.types import LseTask
+
+    from ovss_label.backend.server import Engine
+    from ovss_label.backend.server.batch import predict_project
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    _png_file(tmp_path / "a.png")
+    policy = MediaPolicy(local_root=tmp_path)
+    busy = httpx.MockTransport(lambda request: httpx.Response(503))
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data", media=policy),
+                    MediaFetcher(policy, busy))  # fmt: skip
+    version = engine.model_version("naclip")
+    urls = {1: "/data/local-files/?d=a.png", 2: "/data/local-files/?d=a.png",
+            3: "/data/local-files/?d=broken.jpg", 4: "http://media.test/busy.png"}  # fmt: skip
+    tasks = [LseTask.model_construct(id=i, data={"image": u}) for i, u in urls.items()]
+    calls: dict[str, list[Any]] = {"get": [], "list": [], "tasks": [], "create": [], "with": []}
+    earlier = [SimpleNamespace(task=1, model_version=version), SimpleNamespace(task=2),
+               SimpleNamespace(task=3, model_version="naclip·older")]  # fmt: skip
+    fake = SimpleNamespace(
+        projects=SimpleNamespace(get=lambda id: calls["get"].append(id)
+                                 or SimpleNamespace(label_config=BRUSH_CLICKS)),
+        predictions=SimpleNamespace(list=lambda project: calls["list"].append(project) or earlier,
+                                    create=lambda **kw: calls["create"].append(kw)),
+        tasks=SimpleNamespace(list=lambda project, fields: calls["tasks"].append((project, fields))
+                              or tasks),
+    )  # fmt: skip
+    predict_task = engine.predict_task
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls["with"].append(kwargs["project_id"])  # its zero-shot calibration
+        return predict_task(*args, **kwargs)
+
+    engine.predict_task = spy  # type: ignore[method-assign]
+    progress = Recording()
+    report = predict_project(engine, fake, 3, progress=progress)
+    assert calls["get"] == calls["list"] == [3] and calls["tasks"] == [(3, "all")]
+    assert calls["with"] == [3, 3, 3]
+    assert [p["task"] for p in calls["create"]] == [2, 3]
+    good, broken = calls["create"]
+    assert good["result"] and good["model_version"] == broken["model_version"] == version
+    assert 0 < good["score"] <= 1 and broken["result"] == [] and broken["score"] == 0.0
+    assert (report.job, report.model_version) == ("predict --project 3", version)
+    assert (report.done, report.skipped, report.retry, report.counts) == (2, 1, 1, {"empty": 1})
+    assert progress.seen == [("total", 4)] + [("advance", f"task {i}") for i in urls]
+
+
+class Recording:
+    """A ``jobs.Progress`` that records its calls."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    def total(self, count: int | None) -> None:
+        self.seen.append(("total", count))
+
+    def advance(self, item: str = "") -> None:
+        self.seen.append(("advance", item))
+
+
+def _png_file(path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(4).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
