@@ -68,6 +68,7 @@ FAST_TESTS = {
     ],
     "backend/server": [
         "tests/test_cli_options.py",  # MediaPolicy.from_env, serve's options
+        "tests/test_confidence.py",  # Engine.calibration
         "tests/test_identity.py",
         "tests/test_learning_jobs_api.py",  # /jobs and the report files
         "tests/test_learning_loop.py",  # learning_loop(settings)

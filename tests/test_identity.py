@@ -220,6 +220,7 @@ def test_a_method_that_cannot_be_planned_still_answers_setup_and_versions(
     versions = client.get("/versions").json()
     assert versions["versions"][0] == "pnp_ovss·unavailable"
     assert "never-tuned" in versions["models"][0]["error"]
+    assert versions["models"][0]["method"] == "pnp_ovss"  # which method cannot be planned
     assert versions["models"][1]["model_version"] == engine.model_version("naclip")
 
 

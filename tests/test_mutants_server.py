@@ -667,3 +667,56 @@ def _png_file(path: Path) -> None:
 
     pixels = np.random.default_rng(4).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
+
+
+def _listening(address: str) -> Any:
+    import socket
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind((address, 0))
+    server.listen(4)
+    return server
+
+
+def test_a_pinned_connection_tries_each_checked_address_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first address refuses: the next one is tried; none accepts: the last error says
+    why. Only stream (TCP) entries are resolved, and the connect timeout reaches the socket."""
+    import socket
+
+    import httpcore
+
+    from ovss_label.backend.server.netguard import AddressGuard, PinnedBackend
+
+    server = _listening("127.0.0.2")
+    port = server.getsockname()[1]
+    closed = ("127.0.0.3", port)  # nothing listens there: refused at once
+    guard = AddressGuard(allow_private=True)
+    assert {info[1] for info in guard.resolve("localhost", port)} == {socket.SOCK_STREAM}
+    entries = [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", a) for a in (closed, ("127.0.0.2", port))
+    ]
+    monkeypatch.setattr(guard, "resolve", lambda host, port: entries)
+    timeouts = []
+    real_settimeout = socket.socket.settimeout
+
+    class Recorded(socket.socket):
+        def settimeout(self, value: float | None) -> None:
+            timeouts.append(value)
+            real_settimeout(self, value)
+
+    monkeypatch.setattr(socket, "socket", Recorded)
+    try:
+        stream = PinnedBackend(guard).connect_tcp("media.test", port, timeout=2.5)
+        assert stream.get_extra_info("socket").getpeername() == ("127.0.0.2", port)
+        stream.close()
+        assert timeouts[:2] == [2.5, 2.5]
+        monkeypatch.setattr(guard, "resolve", lambda host, port: entries[:1])
+        with pytest.raises(httpcore.ConnectError, match="Connection refused"):
+            PinnedBackend(guard).connect_tcp("media.test", port, timeout=2.5)
+        monkeypatch.setattr(guard, "resolve", lambda host, port: [])
+        with pytest.raises(httpcore.ConnectError, match=r"^no address for media\.test$"):
+            PinnedBackend(guard).connect_tcp("media.test", port, timeout=2.5)
+    finally:
+        server.close()
