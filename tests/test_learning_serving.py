@@ -239,3 +239,12 @@ def test_text_prompts_and_clicks_are_answered_by_the_projects_version(served, ti
         assert prediction["result"], region["type"]  # answered, not an empty failure
         labels = {r["value"].get("brushlabels", ["?"])[0] for r in prediction["result"]}
         assert labels == {"Cat"}
+
+
+def test_a_failed_task_of_a_trained_project_carries_its_version(served, tiny_head):
+    client, _, data = served
+    version = _promote(data, 5, tiny_head)
+    task = {"id": 1, "data": {"image": "/data/local-files/?d=photos/missing.png"}, "project": 5}
+    body = {"tasks": [task], "label_config": CONFIG, "project": "5.1763719200"}
+    (prediction,) = client.post("/predict", json=body).json()["results"]
+    assert prediction == {"result": [], "score": 0.0, "model_version": version.model_version}

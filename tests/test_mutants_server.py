@@ -720,3 +720,59 @@ def test_a_pinned_connection_tries_each_checked_address_in_turn(
             PinnedBackend(guard).connect_tcp("media.test", port, timeout=2.5)
     finally:
         server.close()
+
+
+def _textarea(value: object) -> dict[str, object]:
+    return {"type": "textarea", "value": value}
+
+
+@pytest.mark.parametrize(
+    ("result", "text"),
+    [
+        ([5, "x", _textarea({"text": [" cat  "]})], "cat"),  # odd items skipped, text stripped
+        ([_textarea({"text": "dog"})], "dog"),  # a bare string
+        ([_textarea({"text": []}), _textarea({"text": ["cup"]})], "cup"),
+        ([_textarea({"text": ["  "]})], None),  # blank: no query
+        ([_textarea("cat")], None),  # no value object: no text
+        ([{"type": "labels", "value": {"text": ["cat"]}}], None),  # not a textarea
+    ],
+)  # fmt: skip
+def test_the_text_prompt_is_the_first_non_blank_textarea_text(
+    result: list[Any], text: str | None
+) -> None:
+    from ovss_label.backend.server.interactive import text_prompt
+
+    assert text_prompt({"result": result}) == text
+
+
+def test_a_textarea_text_that_is_not_strings_is_refused() -> None:
+    from ovss_label.backend.server.interactive import text_prompt
+
+    with pytest.raises(ValueError) as refused:
+        text_prompt({"result": [{"type": "textarea", "value": {"text": [3]}}]})
+    assert str(refused.value) == "a textarea region's value.text must be a list of strings"
+
+
+def test_predictions_run_in_the_bounded_task_pool(tmp_path: Path) -> None:
+    """``--workers`` bounds the tasks predicted at once: they run on the engine's own pool."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from ovss_label.backend.server import Engine, create_app
+
+    _png_file(tmp_path / "a.png")
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data",
+                                   media=MediaPolicy(local_root=tmp_path)))  # fmt: skip
+    threads = []
+    predict_task = engine.predict_task
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return predict_task(*args, **kwargs)
+
+    engine.predict_task = spy  # type: ignore[method-assign]
+    tasks = [{"id": i, "data": {"image": "/data/local-files/?d=a.png"}} for i in (1, 2, 3)]
+    body = {"tasks": tasks, "label_config": BRUSH_CLICKS}
+    assert len(TestClient(create_app(engine)).post("/predict", json=body).json()["results"]) == 3
+    assert len(threads) == 3 and all(name.startswith("ovss-task") for name in threads)
