@@ -248,3 +248,25 @@ def test_a_failed_task_of_a_trained_project_carries_its_version(served, tiny_hea
     body = {"tasks": [task], "label_config": CONFIG, "project": "5.1763719200"}
     (prediction,) = client.post("/predict", json=body).json()["results"]
     assert prediction == {"result": [], "score": 0.0, "model_version": version.model_version}
+
+
+def test_a_live_request_with_a_refused_config_answers_empty_in_the_projects_version(
+    served, tiny_head, caplog
+):
+    """A click or a text query must get an answer the editor shows, even when the labeling
+    config is refused; batch requests get "nothing for now" instead (tested elsewhere)."""
+    client, engine, data = served
+    version = _promote(data, 5, tiny_head)
+    caplog.set_level(logging.WARNING)
+    click = {"type": "keypointlabels", "value": {"x": 50, "y": 50, "keypointlabels": ["Cat"]},
+             "original_width": 60, "original_height": 40}  # fmt: skip
+    task = {"id": 1, "data": {"image": "/data/local-files/?d=photos/a.png"}}
+    for project, expected in ((5, version.model_version), (6, engine.model_version("naclip"))):
+        body = {"tasks": [task, {**task, "id": 2}], "label_config": "<View>",
+                "project": f"{project}.1", "params": {"context": {"result": [click]}}}  # fmt: skip
+        empty = {"result": [], "score": 0.0, "model_version": expected}
+        assert client.post("/predict", json=body).json()["results"] == [empty, empty]
+    refused = [
+        m for m in caplog.messages if m.startswith("labeling config refused for 2 task(s): ")
+    ]
+    assert len(refused) == 2 and len(refused[0]) > len("labeling config refused for 2 task(s): ")

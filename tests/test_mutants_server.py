@@ -776,3 +776,36 @@ def test_predictions_run_in_the_bounded_task_pool(tmp_path: Path) -> None:
     body = {"tasks": tasks, "label_config": BRUSH_CLICKS}
     assert len(TestClient(create_app(engine)).post("/predict", json=body).json()["results"]) == 3
     assert len(threads) == 3 and all(name.startswith("ovss-task") for name in threads)
+
+
+def test_clicks_run_on_their_own_thread_and_a_failed_text_query_answers_empty(
+    clicks_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clicks have their own one-thread pool (a click never queues behind batch tasks); a text
+    query that cannot run (e.g. missing weights) is a logged reason and empty answers."""
+    import threading
+
+    client, engine, _ = clicks_server
+    threads = []
+    interactive = engine._interactive
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return interactive(*args, **kwargs)
+
+    engine._interactive = spy
+    cat = {"x": 50, "y": 50, "keypointlabels": ["Cat"]}
+    assert _ask(client, BRUSH_CLICKS, [_region("keypointlabels", cat)])["result"]
+    assert len(threads) == 1 and threads[0].startswith("ovss-click")
+
+    def no_weights(*args: Any) -> Any:
+        raise FileNotFoundError("ViT-B-16.pt is not in the weights folder")
+
+    engine._text_query = no_weights
+    caplog.set_level("WARNING")
+    config = BRUSH_CLICKS.replace("</View>", '<TextArea name="q" toName="image"/></View>')
+    answer = _ask(client, config, [{"type": "textarea", "value": {"text": ["cat"]}}])
+    assert answer == {"result": [], "score": 0.0, "model_version": engine.model_version("naclip")}
+    assert "text prompt: FileNotFoundError: ViT-B-16.pt is not in the weights folder" in (
+        caplog.messages
+    )
