@@ -270,3 +270,37 @@ def test_a_live_request_with_a_refused_config_answers_empty_in_the_projects_vers
         m for m in caplog.messages if m.startswith("labeling config refused for 2 task(s): ")
     ]
     assert len(refused) == 2 and len(refused[0]) > len("labeling config refused for 2 task(s): ")
+
+
+def test_the_bodys_project_wins_over_the_tasks_field(served, tiny_head):
+    client, engine, data = served
+    version = _promote(data, 5, tiny_head)
+    task = {"id": 1, "data": {"image": "/data/local-files/?d=photos/a.png"}, "project": 6}
+    for body_project, expected in (("5.1763719200", version), ("6.1763719200", None)):
+        body = {"tasks": [task], "label_config": CONFIG, "project": body_project}
+        (prediction,) = client.post("/predict", json=body).json()["results"]
+        served_version = expected.model_version if expected else engine.model_version("naclip")
+        assert prediction["model_version"] == served_version
+
+
+def test_a_text_query_that_fails_or_waits_answers_empty_in_the_projects_version(
+    served, tiny_head, monkeypatch, caplog
+):
+    client, engine, data = served
+    version = _promote(data, 5, tiny_head)
+    config = CONFIG.replace("</View>", '<TextArea name="q" toName="image"/></View>')
+    task = {"id": 1, "data": {"image": "/data/local-files/?d=photos/a.png"}}
+    query = {"result": [{"type": "textarea", "value": {"text": ["cat"]}}]}
+    body = {"tasks": [task], "label_config": config, "project": "5.1763719200",
+            "params": {"context": query}}  # fmt: skip
+    empty = {"result": [], "score": 0.0, "model_version": version.model_version}
+    monkeypatch.setattr(engine, "predict_task", lambda *a, **k: None)  # a failure that may pass
+    assert client.post("/predict", json=body).json()["results"] == [empty]  # shown, not "later"
+
+    def broken(*args):
+        raise RuntimeError("no text encoder")
+
+    monkeypatch.setattr(engine, "_text_query", broken)
+    caplog.set_level(logging.WARNING)
+    assert client.post("/predict", json=body).json()["results"] == [empty]
+    assert "text prompt: RuntimeError: no text encoder" in caplog.messages
