@@ -809,3 +809,42 @@ def test_clicks_run_on_their_own_thread_and_a_failed_text_query_answers_empty(
     assert "text prompt: FileNotFoundError: ViT-B-16.pt is not in the weights folder" in (
         caplog.messages
     )
+
+
+@pytest.mark.parametrize("url", ["", None, 5, ["a.png"]])
+def test_a_task_without_an_image_url_says_so(url: object) -> None:
+    from ovss_label.backend.server.media import MediaError
+
+    with pytest.raises(MediaError) as missing:
+        MediaFetcher(MediaPolicy()).image(url)
+    assert str(missing.value) == "the task has no image URL"
+
+
+def test_a_local_file_meets_the_pixel_cap_too(tmp_path: Path) -> None:
+    _png_file(tmp_path / "a.png")  # 40 x 60 = 2,400 px
+    url = "/data/local-files/?d=a.png"
+    assert MediaFetcher(MediaPolicy(local_root=tmp_path, max_pixels=2400)).image(url).shape == (
+        40,
+        60,
+        3,
+    )
+    with pytest.raises(ValueError, match="60x40 px is more than the 2,399 px limit"):
+        MediaFetcher(MediaPolicy(local_root=tmp_path, max_pixels=2399)).image(url)
+
+
+def test_a_cloud_image_is_presigned_for_its_task() -> None:
+    import base64
+
+    import httpx
+
+    seen = []
+
+    def label_studio(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.url.params["fileuri"]))
+        return httpx.Response(404)
+
+    fetcher = _hops(label_studio, ls_url="http://ls.test", ls_token="secret-token")
+    with pytest.raises(ValueError):
+        fetcher.image("s3://bucket/a.png", task_id=42)
+    encoded = base64.urlsafe_b64encode(b"s3://bucket/a.png").decode()
+    assert seen == [("/tasks/42/presign/", encoded)]  # the task's own presign route
