@@ -848,3 +848,68 @@ def test_a_cloud_image_is_presigned_for_its_task() -> None:
         fetcher.image("s3://bucket/a.png", task_id=42)
     encoded = base64.urlsafe_b64encode(b"s3://bucket/a.png").decode()
     assert seen == [("/tasks/42/presign/", encoded)]  # the task's own presign route
+
+
+def test_only_label_studio_uploads_are_cached_by_url_and_a_bad_image_names_its_url() -> None:
+    """An upload never changes under its URL, so a second request (a click) reuses its
+    decoded image; another host's URL with the same path may change, so it is fetched again."""
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(buffer, format="PNG")
+    seen = []
+
+    def host(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.path.endswith("bad.png"):
+            return httpx.Response(200, content=b"<html>no image</html>")
+        return httpx.Response(200, content=buffer.getvalue())
+
+    fetcher = _hops(host, ls_url="http://ls.test", ls_token="secret-token")
+    for url in ["/data/upload/1/a.png"] * 2 + ["http://media.test/data/upload/1/a.png"] * 2:
+        assert fetcher.image(url, task_id=1).shape == (4, 6, 3)
+    assert (
+        seen
+        == ["http://ls.test/data/upload/1/a.png"] + ["http://media.test/data/upload/1/a.png"] * 2
+    )
+    with pytest.raises(ValueError, match=r"^cannot read image http://media\.test/bad\.png: "):
+        fetcher.image("http://media.test/bad.png?sig=s3cr3t")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("/data/local-files/?x=1", "local file '' is outside the configured root"),
+        ("/data/local-files/?d=", "local file '' is outside the configured root"),
+        ("/data/local-files/?d=../secret.png",
+         "local file '../secret.png' is outside the configured root"),
+        ("/data/local-files/?d=nope.png", "local file 'nope.png' does not exist under the root"),
+    ],
+)  # fmt: skip
+def test_local_files_outside_the_root_or_missing_say_which(
+    tmp_path: Path, url: str, message: str
+) -> None:
+    from ovss_label.backend.server.media import MediaError
+
+    root = tmp_path / "root"
+    root.mkdir()
+    _png_file(tmp_path / "secret.png")
+    with pytest.raises(MediaError) as refused:
+        MediaFetcher(MediaPolicy(local_root=root)).image(url)
+    assert str(refused.value) == message
+
+
+def test_a_second_prediction_of_an_image_reuses_its_features(clicks_server) -> None:
+    client, engine, _ = clicks_server
+    body = {"tasks": [{"id": 9, "data": {"image": "/data/local-files/?d=a.png"}}],
+            "label_config": BRUSH_CLICKS}  # fmt: skip
+    counts = []
+    for _ in range(2):
+        assert client.post("/predict", json=body).json()["results"][0]["result"]
+        counts.append((engine.cache.misses, engine.cache.hits))
+    (encoded, _), (again, reused) = counts
+    assert encoded > 0 and again == encoded and reused == encoded  # every lookup a hit
