@@ -67,7 +67,7 @@ FAST_TESTS = {
         "tests/test_yolo_labelme.py",
     ],
     "backend/server": [
-        "tests/test_cli_options.py",  # MediaPolicy.from_env, serve's options
+        "tests/test_cli_options.py",  # serve's options
         "tests/test_confidence.py",  # Engine.calibration
         "tests/test_identity.py",
         "tests/test_learning_jobs_api.py",  # /jobs and the report files
@@ -75,10 +75,12 @@ FAST_TESTS = {
         "tests/test_learning_serving.py",  # Chooser: versions, missing heads
         "tests/test_logs.py",
         "tests/test_media.py",
-        "tests/test_mutants_server.py",
+        "tests/test_media_fetch.py",
         "tests/test_project_config.py",
         "tests/test_server.py",
         "tests/test_server_hardening.py",
+        "tests/test_server_requests.py",
+        "tests/test_server_settings.py",
         "tests/test_text_prompt.py",
     ],
     "backend/proposers": [

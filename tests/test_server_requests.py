@@ -1,0 +1,368 @@
+"""Server requests end to end: webhook events, clicks answered with SAM (equal to
+``SamPredictor``), text prompts, ``predict --project``'s every path, the thread pools and the
+feature cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from helpers import png_bytes
+
+from ovss_label.backend.server import MediaPolicy, ServerSettings
+from ovss_label.backend.server.media import MediaFetcher
+
+
+def test_webhook_ids_are_read_from_every_shape_label_studio_sends() -> None:
+    from ovss_label.backend.server.events import event_ids
+
+    # ANNOTATION_CREATED: one task and one annotation, objects.
+    one = {"project": {"id": 7}, "task": {"id": 11}, "annotation": {"id": 21}}
+    assert event_ids(one) == (7, [11], [21])
+    # ANNOTATIONS_CREATED / _DELETED: lists; a bare id counts, an odd item is skipped.
+    many = {"project": {"id": 7}, "tasks": [11, {"id": 12}, "x"], "annotations": [{"id": 21}, 22]}
+    assert event_ids(many) == (7, [11, 12], [21, 22])
+    # A project given as a bare id is not Label Studio's shape: no project, the rest read.
+    assert event_ids({"project": 7, "tasks": [11]}) == (None, [11], [])
+    assert event_ids({}) == (None, [], [])
+
+
+def test_the_event_store_creates_its_folders(tmp_path: Path) -> None:
+    from ovss_label.backend.server.events import EventStore
+
+    store = EventStore(tmp_path / "new" / "data" / "events.sqlite3")
+    event = store.record('{"action": "START_TRAINING"}', {"action": "START_TRAINING"})
+    assert [e["id"] for e in store.all()] == [event]
+
+
+def test_an_event_without_a_string_action_or_readable_ids_is_still_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ovss_label.backend.server import events
+
+    store = events.EventStore(tmp_path / "events.sqlite")
+    store.record("{}", {})
+    store.record('{"action": 5}', {"action": 5})
+
+    def unreadable(payload: object) -> object:
+        raise KeyError("id")
+
+    monkeypatch.setattr(events, "_fields", unreadable)
+    caplog.set_level("WARNING", logger=events.__name__)
+    raw = '{"action": "START_TRAINING", "project": {"id": 3}}'
+    third = store.record(raw, {"action": "START_TRAINING", "project": {"id": 3}})
+    rows = [(e["action"], e["project_id"], e["task_ids"], e["payload"]) for e in store.all()]
+    assert rows == [("", None, [], "{}"), ("", None, [], '{"action": 5}'),
+                    ("START_TRAINING", None, [], raw)]  # fmt: skip
+    assert caplog.messages == [f"event {third} stored without ids: KeyError"]
+
+
+BRUSH_CLICKS = """<View><Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Cat"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="Dog"/></RectangleLabels>
+</View>"""
+POLYGON_CLICKS = BRUSH_CLICKS.replace("BrushLabels", "PolygonLabels")
+
+
+@pytest.fixture
+def clicks_server(tmp_path: Path) -> tuple[object, object, object]:
+    """(client, engine, image): a tiny server whose local file ``a.png`` is ``image``."""
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from ovss_label.backend.server import Engine, create_app
+
+    image = np.random.default_rng(4).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    policy = MediaPolicy(local_root=tmp_path)
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data", media=policy))
+    return TestClient(create_app(engine)), engine, image
+
+
+def _region(kind: str, value: dict[str, object], positive: bool = True) -> dict[str, object]:
+    return {"type": kind, "value": value, "original_width": 60, "original_height": 40,
+            "from_name": "kp" if kind == "keypointlabels" else "box", "to_name": "image",
+            "is_positive": positive}  # fmt: skip
+
+
+def _ask(client: object, config: str, regions: list[dict[str, object]]) -> dict[str, object]:
+    body = {"tasks": [{"id": 9, "data": {"image": "/data/local-files/?d=a.png"}}],
+            "project": "3.1763719200", "label_config": config,
+            "params": {"context": {"result": regions}}}  # fmt: skip
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200, answer.text
+    (prediction,) = answer.json()["results"]
+    return prediction
+
+
+def test_clicks_give_sam_predictors_best_mask_and_a_box_its_single_mask(clicks_server) -> None:
+    """The interactive answer is what ``segment_anything.SamPredictor`` gives for the same
+    prompt in pixels: the best of three masks for clicks (by predicted IoU), the one mask for a
+    box; its score is that IoU clipped to [0, 1]; it carries the served model version."""
+    import numpy as np
+    from segment_anything import SamPredictor
+
+    from ovss_label.converters import brush_rle_to_mask
+
+    client, engine, image = clicks_server
+    predictor = SamPredictor(engine.sam().model)
+    predictor.set_image(image)
+    cat = {"x": 50, "y": 50, "keypointlabels": ["Cat"]}
+    clicks = [
+        _region("keypointlabels", cat),
+        _region("keypointlabels", {**cat, "x": 10, "y": 10}, False),
+    ]
+    dog = {"x": 10, "y": 20, "width": 50, "height": 40, "rectanglelabels": ["Dog"]}
+    cases = [
+        (clicks, {"point_coords": np.array([[30.0, 20.0], [6.0, 4.0]]),
+                  "point_labels": np.array([1, 0]), "multimask_output": True}, "Cat"),
+        ([_region("rectanglelabels", dog)],
+         {"box": np.array([6.0, 8.0, 36.0, 24.0]), "multimask_output": False}, "Dog"),
+    ]  # fmt: skip
+    for regions, prompt, label in cases:
+        masks, scores, _ = predictor.predict(**prompt)
+        best = int(scores.argmax())
+        prediction = _ask(client, BRUSH_CLICKS, regions)
+        (region,) = prediction["result"]
+        assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == [label]
+        mask = brush_rle_to_mask(region["value"]["rle"], 40, 60)
+        np.testing.assert_array_equal(mask > 0, masks[best])
+        assert prediction["score"] == round(float(np.clip(scores[best], 0, 1)), 4)
+        assert prediction["model_version"] == engine.model_version("naclip")
+
+
+def test_clicks_in_a_polygon_project_give_a_polygon(clicks_server) -> None:
+    client, _, _ = clicks_server
+    cat = {"x": 50, "y": 50, "keypointlabels": ["Cat"]}
+    regions = _ask(client, POLYGON_CLICKS, [_region("keypointlabels", cat)])["result"]
+    assert regions and all(r["type"] == "polygonlabels" for r in regions)  # one per part
+    assert all(r["value"]["polygonlabels"] == ["Cat"] for r in regions)
+
+
+def test_a_click_that_fails_answers_an_empty_prediction_and_logs_why(
+    clicks_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, engine, _ = clicks_server
+    caplog.set_level("WARNING")
+    odd = _region("keypointlabels", {"x": "left", "y": 50, "keypointlabels": ["Cat"]})
+    prediction = _ask(client, BRUSH_CLICKS, [odd])
+    version = engine.model_version("naclip")
+    assert prediction == {"result": [], "score": 0.0, "model_version": version}
+    assert "task 9: no interactive mask: ValueError: could not convert string to float: 'left'" in (
+        caplog.messages
+    )
+
+
+def test_a_sam_that_cannot_be_built_is_named(tmp_path: Path) -> None:
+    from ovss_label.backend.server import Engine
+    from ovss_label.backend.server.engine import ModelUnavailableError
+
+    engine = Engine(ServerSettings(tiny=True, sam_model="sam_nope", data_dir=tmp_path))
+    with pytest.raises(ModelUnavailableError, match=r"^sam_nope cannot be loaded: "):
+        engine.sam()
+
+
+def test_closing_the_engine_drops_queued_work_without_waiting_for_running_work(
+    tmp_path: Path,
+) -> None:
+    """Shutdown (uvicorn's lifespan) must not wait for a prediction stuck on slow media."""
+    import threading
+
+    from ovss_label.backend.server import Engine
+
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path))
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def stuck() -> None:
+        started.release()
+        release.wait(30)
+
+    running = [pool.submit(stuck) for pool in (engine.clicks, engine.webhooks)]
+    assert started.acquire(timeout=10) and started.acquire(timeout=10)
+    queued = [pool.submit(lambda: "ran") for pool in (engine.clicks, engine.webhooks)]
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(timeout=10)
+    try:
+        assert not closer.is_alive()  # returned while the running work still runs
+        assert all(f.cancelled() for f in queued)
+        assert not any(f.done() for f in running)
+    finally:
+        release.set()
+
+
+def test_predict_project_posts_new_skips_done_retries_transient_and_empties_broken(
+    tmp_path: Path,
+) -> None:
+    """``predict --project``: every task of the project, read from the SDK's task models; a
+    task with this model's prediction is skipped, a good one gets its prediction, a broken
+    image an empty one, a 503 none (the next run retries it); the report and progress count
+    them all."""
+    import httpx
+    from label_studio_sdk.types import LseTask
+
+    from ovss_label.backend.server import Engine
+    from ovss_label.backend.server.batch import predict_project
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "a.png").write_bytes(png_bytes(4, 40, 60))
+    policy = MediaPolicy(local_root=tmp_path)
+    busy = httpx.MockTransport(lambda request: httpx.Response(503))
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data", media=policy),
+                    MediaFetcher(policy, busy))  # fmt: skip
+    version = engine.model_version("naclip")
+    urls = {1: "/data/local-files/?d=a.png", 2: "/data/local-files/?d=a.png",
+            3: "/data/local-files/?d=broken.jpg", 4: "http://media.test/busy.png"}  # fmt: skip
+    tasks = [LseTask.model_construct(id=i, data={"image": u}) for i, u in urls.items()]
+    calls: dict[str, list[Any]] = {"get": [], "list": [], "tasks": [], "create": [], "with": []}
+    earlier = [SimpleNamespace(task=1, model_version=version), SimpleNamespace(task=2),
+               SimpleNamespace(task=3, model_version="naclip·older")]  # fmt: skip
+    fake = SimpleNamespace(
+        projects=SimpleNamespace(get=lambda id: calls["get"].append(id)
+                                 or SimpleNamespace(label_config=BRUSH_CLICKS)),
+        predictions=SimpleNamespace(list=lambda project: calls["list"].append(project) or earlier,
+                                    create=lambda **kw: calls["create"].append(kw)),
+        tasks=SimpleNamespace(list=lambda project, fields: calls["tasks"].append((project, fields))
+                              or tasks),
+    )  # fmt: skip
+    predict_task = engine.predict_task
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls["with"].append(kwargs["project_id"])  # its zero-shot calibration
+        return predict_task(*args, **kwargs)
+
+    engine.predict_task = spy  # type: ignore[method-assign]
+    progress = Recording()
+    report = predict_project(engine, fake, 3, progress=progress)
+    assert calls["get"] == calls["list"] == [3] and calls["tasks"] == [(3, "all")]
+    assert calls["with"] == [3, 3, 3]
+    assert [p["task"] for p in calls["create"]] == [2, 3]
+    good, broken = calls["create"]
+    assert good["result"] and good["model_version"] == broken["model_version"] == version
+    assert 0 < good["score"] <= 1 and broken["result"] == [] and broken["score"] == 0.0
+    assert (report.job, report.model_version) == ("predict --project 3", version)
+    assert (report.done, report.skipped, report.retry, report.counts) == (2, 1, 1, {"empty": 1})
+    assert progress.seen == [("total", 4)] + [("advance", f"task {i}") for i in urls]
+
+
+class Recording:
+    """A ``jobs.Progress`` that records its calls."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    def total(self, count: int | None) -> None:
+        self.seen.append(("total", count))
+
+    def advance(self, item: str = "") -> None:
+        self.seen.append(("advance", item))
+
+
+def _textarea(value: object) -> dict[str, object]:
+    return {"type": "textarea", "value": value}
+
+
+@pytest.mark.parametrize(
+    ("result", "text"),
+    [
+        ([5, "x", _textarea({"text": [" cat  "]})], "cat"),  # odd items skipped, text stripped
+        ([_textarea({"text": "dog"})], "dog"),  # a bare string
+        ([_textarea({"text": []}), _textarea({"text": ["cup"]})], "cup"),
+        ([_textarea({"text": ["  "]})], None),  # blank: no query
+        ([_textarea("cat")], None),  # no value object: no text
+        ([{"type": "labels", "value": {"text": ["cat"]}}], None),  # not a textarea
+    ],
+)  # fmt: skip
+def test_the_text_prompt_is_the_first_non_blank_textarea_text(
+    result: list[Any], text: str | None
+) -> None:
+    from ovss_label.backend.server.interactive import text_prompt
+
+    assert text_prompt({"result": result}) == text
+
+
+def test_a_textarea_text_that_is_not_strings_is_refused() -> None:
+    from ovss_label.backend.server.interactive import text_prompt
+
+    with pytest.raises(ValueError) as refused:
+        text_prompt({"result": [{"type": "textarea", "value": {"text": [3]}}]})
+    assert str(refused.value) == "a textarea region's value.text must be a list of strings"
+
+
+def test_predictions_run_in_the_bounded_task_pool(tmp_path: Path) -> None:
+    """``--workers`` bounds the tasks predicted at once: they run on the engine's own pool."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from ovss_label.backend.server import Engine, create_app
+
+    (tmp_path / "a.png").write_bytes(png_bytes(4, 40, 60))
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data",
+                                   media=MediaPolicy(local_root=tmp_path)))  # fmt: skip
+    threads = []
+    predict_task = engine.predict_task
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return predict_task(*args, **kwargs)
+
+    engine.predict_task = spy  # type: ignore[method-assign]
+    tasks = [{"id": i, "data": {"image": "/data/local-files/?d=a.png"}} for i in (1, 2, 3)]
+    body = {"tasks": tasks, "label_config": BRUSH_CLICKS}
+    assert len(TestClient(create_app(engine)).post("/predict", json=body).json()["results"]) == 3
+    assert len(threads) == 3 and all(name.startswith("ovss-task") for name in threads)
+
+
+def test_clicks_run_on_their_own_thread_and_a_failed_text_query_answers_empty(
+    clicks_server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clicks have their own one-thread pool (a click never queues behind batch tasks); a text
+    query that cannot run (e.g. missing weights) is a logged reason and empty answers."""
+    import threading
+
+    client, engine, _ = clicks_server
+    threads = []
+    interactive = engine._interactive
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return interactive(*args, **kwargs)
+
+    engine._interactive = spy
+    cat = {"x": 50, "y": 50, "keypointlabels": ["Cat"]}
+    assert _ask(client, BRUSH_CLICKS, [_region("keypointlabels", cat)])["result"]
+    assert len(threads) == 1 and threads[0].startswith("ovss-click")
+
+    def no_weights(*args: Any) -> Any:
+        raise FileNotFoundError("ViT-B-16.pt is not in the weights folder")
+
+    engine._text_query = no_weights
+    caplog.set_level("WARNING")
+    config = BRUSH_CLICKS.replace("</View>", '<TextArea name="q" toName="image"/></View>')
+    answer = _ask(client, config, [{"type": "textarea", "value": {"text": ["cat"]}}])
+    assert answer == {"result": [], "score": 0.0, "model_version": engine.model_version("naclip")}
+    assert "text prompt: FileNotFoundError: ViT-B-16.pt is not in the weights folder" in (
+        caplog.messages
+    )
+
+
+def test_a_second_prediction_of_an_image_reuses_its_features(clicks_server) -> None:
+    client, engine, _ = clicks_server
+    body = {"tasks": [{"id": 9, "data": {"image": "/data/local-files/?d=a.png"}}],
+            "label_config": BRUSH_CLICKS}  # fmt: skip
+    counts = []
+    for _ in range(2):
+        assert client.post("/predict", json=body).json()["results"][0]["result"]
+        counts.append((engine.cache.misses, engine.cache.hits))
+    (encoded, _), (again, reused) = counts
+    assert encoded > 0 and again == encoded and reused == encoded  # every lookup a hit
