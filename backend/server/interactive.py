@@ -6,7 +6,8 @@ Label Studio posts the user's regions as ``context.result`` (docs/label_studio.m
 ``original_width/height``; a keypoint's ``is_positive`` says foreground (default) or
 background; the chosen label is ``value.keypointlabels[0]`` / ``value.rectanglelabels[0]`` (or
 ``value.labels[0]``). All points and the last rectangle form one SAM prompt on the image's
-cached embedding; the answer is one prediction with one mask region in ``results[0]``.
+cached embedding; the answer is one prediction in ``results[0]`` holding the mask: one brush
+region, or in a polygon-only project one polygon region per connected part.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ def interactive_prediction(
     output: Output,
     labels: tuple[str, ...],
 ) -> tuple[list[dict[str, Any]], float]:
-    """Result items (one mask region) and its score for one interactive request; a label that
-    is not one of ``labels`` becomes the first of them."""
+    """Result items (one mask: a brush region, or a polygon per part) and its score for one
+    interactive request; a label that is not one of ``labels`` becomes the first of them."""
     fallback_label = labels[0]
     prompt = click_prompt(context, int(image.shape[0]), int(image.shape[1]))
     features = cache.features(SamEncoder(sam), image)
