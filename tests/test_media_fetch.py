@@ -353,21 +353,15 @@ def test_a_cloud_image_is_presigned_for_its_task() -> None:
 def test_only_label_studio_uploads_are_cached_by_url_and_a_bad_image_names_its_url() -> None:
     """An upload never changes under its URL, so a second request (a click) reuses its
     decoded image; another host's URL with the same path may change, so it is fetched again."""
-    import io
-
     import httpx
-    import numpy as np
-    from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(buffer, format="PNG")
     seen = []
 
     def host(request: httpx.Request) -> httpx.Response:
         seen.append(str(request.url))
         if request.url.path.endswith("bad.png"):
             return httpx.Response(200, content=b"<html>no image</html>")
-        return httpx.Response(200, content=buffer.getvalue())
+        return httpx.Response(200, content=png_bytes(0, 4, 6))
 
     fetcher = _hops(host, ls_url="http://ls.test", ls_token="secret-token")
     for url in ["/data/upload/1/a.png"] * 2 + ["http://media.test/data/upload/1/a.png"] * 2:

@@ -71,18 +71,14 @@ POLYGON_CLICKS = BRUSH_CLICKS.replace("BrushLabels", "PolygonLabels")
 @pytest.fixture
 def clicks_server(tmp_path: Path) -> tuple[object, object, object]:
     """(client, engine, image): a tiny server whose local file ``a.png`` is ``image``."""
-    import io
-
     import numpy as np
     from fastapi.testclient import TestClient
     from PIL import Image
 
     from ovss_label.backend.server import Engine, create_app
 
-    image = np.random.default_rng(4).integers(0, 256, (40, 60, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    (tmp_path / "a.png").write_bytes(buffer.getvalue())
+    (tmp_path / "a.png").write_bytes(png_bytes(4, 40, 60))
+    image = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
     policy = MediaPolicy(local_root=tmp_path)
     engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data", media=policy))
     return TestClient(create_app(engine)), engine, image
