@@ -106,12 +106,14 @@ class Sample:
 
 def sample_cams(blip: Any, sample: Sample, layers: list[int]) -> dict[int, torch.Tensor]:
     """Layer -> (heads, K, P, P) first-round class GradCAMs of one image."""
-    caption = "A picture of " + " ".join(n.replace(" ", "") for n in sample.names)
+    caption, sizes = pnp.caption_words(blip.tokenizer, sample.names)
     ids, mask = encode_caption(blip.tokenizer, caption)
     tokens = blip.tokenizer.convert_ids_to_tokens(ids[0])[1:]
     maps = itm_gradcam_layers(blip.model, sample.blip_pixels, ids, mask, layers)
     return {
-        layer: torch.stack([pnp.class_token_maps(tokens, m[0, h, 1:]) for h in range(m.shape[1])])
+        layer: torch.stack(
+            [pnp.class_token_maps(tokens, m[0, h, 1:], sizes=sizes) for h in range(m.shape[1])]
+        )
         for layer, m in maps.items()
     }
 

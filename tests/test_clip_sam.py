@@ -105,3 +105,38 @@ def test_one_sam_pass_across_refinement_and_both_stages(tiny_checkpoints, tiny_f
     assert {i.label for i in first.instances} <= {"cat", "dog"}
     for inst in first.instances:
         assert inst.mask.shape == (48, 80) and 0 <= inst.score <= 1
+
+
+def test_crop_features_are_clips_windows_over_the_normalised_resized_image(tiny_checkpoints):
+    """``encode`` against the steps written out: resize (bilinear, half-pixel centres) so the
+    short side is ``short_side`` and both sides are whole patches (rounded, then floored), CLIP's
+    mean and std on 0-255 pixels, 32-px windows every 16 px, each window's unit CLS and its
+    unit NACLIP patch tokens averaged where windows overlap."""
+    from ovss_label.backend.models.weights import OPENAI_MEAN, OPENAI_STD
+
+    proposer = create_proposer("clip_sam", tiny=True, checkpoint=tiny_checkpoints["openai"],
+                               short_side=48, crop=32, stride=16, gaussian_std=3.0)  # fmt: skip
+    # 53 * 1.2 = 63.6 rounds to 64; 33 * 48/25 = 63.4 rounds to 63, floored to 48.
+    assert proposer._network_size((40, 53)) == (48, 64)
+    assert proposer._network_size((25, 33)) == (48, 48)
+    assert proposer._network_size((300, 20)) == (720, 48)
+    image = np.random.default_rng(4).integers(0, 256, (40, 53, 3), dtype=np.uint8)
+    features = proposer.encode(image)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(48, 64), mode="bilinear", align_corners=False)[0]
+    net = (x - torch.tensor(OPENAI_MEAN)[:, None, None] * 255) / (
+        torch.tensor(OPENAI_STD)[:, None, None] * 255
+    )
+    summed, count, cls = torch.zeros(3, 4, 32), torch.zeros(3, 4, 1), []
+    for y in (0, 16):
+        for x0 in (0, 16, 32):
+            crop = net[:, y : y + 32, x0 : x0 + 32][None]
+            window_cls, tokens = clip_cls_and_naclip_tokens(proposer.clip.model.visual, crop, 3.0)
+            cls.append(F.normalize(window_cls[0], dim=-1))
+            summed[y // 16 : y // 16 + 2, x0 // 16 : x0 // 16 + 2] += F.normalize(
+                tokens[0, 1:], dim=-1
+            ).reshape(2, 2, -1)
+            count[y // 16 : y // 16 + 2, x0 // 16 : x0 // 16 + 2] += 1
+    torch.testing.assert_close(features.tensors["cls"], torch.stack(cls))
+    torch.testing.assert_close(features.tensors["patches"], F.normalize(summed / count, dim=-1))
+    assert features.meta["network"] == (48, 64) and features.image_hw == (40, 53)

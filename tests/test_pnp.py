@@ -100,6 +100,15 @@ def test_salience_dropout_bookkeeping_both_rules():
     assert sorted(again) == list(range(6, 25))  # remaining 0..11: median 5.5
     with pytest.raises(ValueError, match="rule must be"):
         pnp.drop_step(u, [], "half")
+    assert pnp.drop_step(u, []) == first  # the defaults: the updated code's top 10
+
+
+def test_salience_dropout_counts_dropped_patches_as_zero_and_breaks_ties_by_index():
+    # Fewer than k patches left above zero: dropped ones (salience 0) fill up the top k.
+    u = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert pnp.drop_step(u, [4, 3], "topk", k=4) == [4, 3, 0, 1, 2]
+    # Equal salience: the later index ranks higher (stable sort), whatever the array size.
+    assert pnp.drop_step(np.zeros(1000), [], "topk", k=3) == [997, 998, 999]
 
 
 def test_dropped_patches_are_zeroed_in_input_and_later_maps():
@@ -125,6 +134,14 @@ def test_thresholds_keep_raw_values_per_class():
     kept = pnp.threshold_maps(maps, threshold=0.15)  # class 0: keep >= 1.5
     assert kept[0].tolist() == [[0.0, 0.0], [2.0, 10.0]]
     assert kept[1].tolist() == [[0.0, 0.0], [0.0, 0.0]]  # constant: normalises to 0, no NaN
+    torch.testing.assert_close(pnp.threshold_maps(maps), kept)  # the reference's 0.15
+
+
+def test_thresholds_are_min_max_normalised_and_inclusive():
+    # Normalised: (x - min) / (max - min) = [0, .25, .5, 1] in both classes (spans 4 and 0.5).
+    maps = torch.tensor([[[1.0, 2.0], [3.0, 5.0]], [[0.0, 0.125], [0.25, 0.5]]])
+    kept = pnp.threshold_maps(maps, threshold=0.5)
+    assert kept.tolist() == [[[0.0, 0.0], [3.0, 5.0]], [[0.0, 0.0], [0.25, 0.5]]]
 
 
 def test_background_channel_rule():
@@ -135,6 +152,9 @@ def test_background_channel_rule():
     five = np.zeros((5, 2, 2))
     assert pnp.with_background(five, always=False)[1] is False  # 5 classes: no background
     assert pnp.with_background(maps, always=False)[1] is True  # fewer than 3 classes
+    assert pnp.with_background(np.zeros((3, 2, 2)), always=False)[1] is False  # 3: none
+    single = pnp.with_background(maps.astype(np.float32), always=True)[0]
+    assert single.dtype == np.float32  # the maps' dtype, not float64
 
 
 def test_blur_equals_scipy_with_the_papers_sigma():
@@ -202,10 +222,13 @@ def _direct_crf(image, channels):
     return np.array(crf.inference(10)).reshape(c, h, w).argmax(axis=0)
 
 
-def test_dense_crf_uses_cutlers_constants():
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_dense_crf_uses_cutlers_constants(seed):
+    """Seeds 0 and 3 are inputs where a bilateral ``sxy`` of 51 or 11 mean-field iterations
+    would change a pixel's label (every other constant changes several)."""
     from ovss_label.backend.proposers.pnp_ovss import dense_crf
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     channels = rng.random((3, 20, 30))
     np.testing.assert_array_equal(dense_crf(image, channels), _direct_crf(image, channels))

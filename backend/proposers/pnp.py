@@ -9,6 +9,7 @@ with the CVPR paper's choices as options where the two differ. Frames: P x P pat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,39 +20,85 @@ from scipy.ndimage import gaussian_filter
 DROP_RULES = ("topk", "median")
 
 
+PREFIX = "A picture of "
+"""The caption's opening words (3 word pieces): the reference's prompt."""
+
+
+def caption_words(tokenizer: Any, names: Sequence[str]) -> tuple[str, list[int]]:
+    """The caption ``"A picture of c1 c2 ..."`` and each class word's number of word pieces.
+
+    As the reference, each name goes in with its spaces removed (``pottedplant``). The pieces
+    are counted per name because BERT's tokenizer also splits at punctuation, into pieces that
+    do not start with ``##``: ``t-shirt`` is ``t``, ``-``, ``shirt``, three words by the
+    reference's ``##`` rule, which would give the caption more words than classes. For a name
+    without punctuation the count is the ``##`` rule's.
+
+    Raises:
+        ValueError: A name the tokenizer turns into no word piece (named).
+    """
+    words = [name.replace(" ", "") for name in names]
+    sizes = [len(tokenizer.tokenize(word)) for word in words]
+    for name, size in zip(names, sizes, strict=True):
+        if size == 0:
+            raise ValueError(f"label {name!r} gives BLIP's tokenizer no word piece")
+    return PREFIX + " ".join(words), sizes
+
+
 def class_token_maps(
-    tokens: list[str], maps: torch.Tensor, last_class_sum: bool = False
+    tokens: list[str],
+    maps: torch.Tensor,
+    last_class_sum: bool = False,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-class maps from the per-token maps of a "A picture of c1 c2 ..." caption.
 
-    The rows after the 3 prefix words and before ``[SEP]`` are the class words; a word piece
-    starting with ``##`` continues the preceding word, and a class map is the mean of its
-    pieces. The reference divides by the piece count only when another token follows, so the
-    last class keeps the *sum* of its pieces: ``last_class_sum=True`` reproduces that quirk
-    (off by default: it is a bug).
+    The rows after the 3 prefix words and before ``[SEP]`` are the class words. With
+    ``sizes`` (:func:`caption_words`), class k is the next ``sizes[k]`` rows; without, a word
+    piece starting with ``##`` continues the preceding word (the reference's rule). A class
+    map is the mean of its pieces. The reference divides by the piece count only when another
+    token follows, so the last class keeps the *sum* of its pieces: ``last_class_sum=True``
+    reproduces that quirk (off by default: it is a bug).
 
     Args:
         tokens: The caption's tokens without ``[ENC]`` (``tokenizer.convert_ids_to_tokens``).
         maps: (len(tokens), P, P) per-token maps, same order.
         last_class_sum: Reproduce the reference's last-class quirk.
+        sizes: Word pieces per class, caption order; a class cut off by ``[SEP]`` (a caption
+            truncated at 500 tokens) is left out.
 
     Returns:
         (K, P, P), one map per class word, caption order.
     """
-    words: list[list[int]] = []
-    for i, token in enumerate(tokens[3:], start=3):
-        if token == "[SEP]":
-            break
-        if token.startswith("##") and words:
-            words[-1].append(i)
-        else:
-            words.append([i])
+    end = tokens.index("[SEP]", 3) if "[SEP]" in tokens[3:] else len(tokens)
+    words = _words_by_piece_marks(tokens[:end]) if sizes is None else _words_by_size(sizes, end)
     out = []
     for n, rows in enumerate(words):
         summed = maps[rows].sum(dim=0)
         last = n == len(words) - 1
         out.append(summed if (last and last_class_sum) else summed / len(rows))
     return torch.stack(out)
+
+
+def _words_by_piece_marks(tokens: list[str]) -> list[list[int]]:
+    """Row indices of each word after the prefix: ``##`` pieces join the preceding word."""
+    words: list[list[int]] = []
+    for i, token in enumerate(tokens[3:], start=3):
+        if token.startswith("##") and words:
+            words[-1].append(i)
+        else:
+            words.append([i])
+    return words
+
+
+def _words_by_size(sizes: Sequence[int], end: int) -> list[list[int]]:
+    """Row indices of each word after the prefix: consecutive runs of ``sizes`` before ``end``."""
+    words, start = [], 3
+    for size in sizes:
+        if start + size > end:
+            break
+        words.append(list(range(start, start + size)))
+        start += size
+    return words
 
 
 def drop_step(

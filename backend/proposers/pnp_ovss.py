@@ -8,8 +8,9 @@ encode (image only): square resize to ``image_size`` (bicubic, aspect not kept, 
 score (words): caption "A picture of" + class names (spaces removed); ``rounds`` times: zero
   the dropped patches in the input, GradCAM of layer ``layer`` head ``head``, dropped patches
   zeroed in the map, drop the next patches (``drop_rule``); aggregate (first round twice);
-  word pieces -> class maps; per-class min-max threshold; bilinear (align_corners) to the
-  original size; background channel; Gaussian blur (σ = ``blur_sigma`` x max side); dense CRF
+  word pieces -> class maps (each label's pieces counted, ``pnp.caption_words``); per-class
+  min-max threshold; bilinear (align_corners) to the original size; background channel;
+  Gaussian blur (σ = ``blur_sigma`` x max side); dense CRF
   with CutLER's constants when ``pydensecrf2`` is installed (``pip install
   'ovss-label[crf]'``), else one warning and the blurred maps' argmax.
 
@@ -145,11 +146,12 @@ class PnpOvssProposer(Proposer):
     def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
         """Blurred class maps as ``scores`` and the CRF (or argmax) decision."""
         keep = self._present(features, vocabulary)
-        names = [n.replace(" ", "") for n, k in zip(vocabulary.names, keep, strict=True) if k]
-        ids, mask = encode_caption(self.blip.tokenizer, "A picture of " + " ".join(names))
+        names = [n for n, k in zip(vocabulary.names, keep, strict=True) if k]
+        caption, sizes = pnp.caption_words(self.blip.tokenizer, names)
+        ids, mask = encode_caption(self.blip.tokenizer, caption)
         tokens = self.blip.tokenizer.convert_ids_to_tokens(ids[0])[1:]  # [ENC] row dropped
         merged = self._dropout_rounds(features.tensors["pixels"], ids, mask)
-        classes = pnp.class_token_maps(tokens, merged, self.config.last_class_sum)
+        classes = pnp.class_token_maps(tokens, merged, self.config.last_class_sum, sizes)
         if classes.shape[0] != len(names):
             raise ValueError(f"caption gave {classes.shape[0]} words for {len(names)} classes")
         scores, assignment = decide_on_caption(

@@ -1,0 +1,174 @@
+"""How methods are planned and built: ``<dense>+sam`` plans, the registry, the background
+vocabularies the methods score, and a trained head's checks on the models it is given.
+
+Written against mutmut's survivors in ``backend/proposers`` (docs/mutation.md); each test states
+what a user relies on: the ``model_version`` promised before loading is the one served, a head
+refuses models it was not trained with and says which.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ovss_label.backend.models.identity import settings_of
+from ovss_label.backend.models.pool import ModelPool, WeightRef
+from ovss_label.backend.proposers import base
+from ovss_label.backend.proposers.base import (
+    BACKGROUND,
+    method_plan,
+    register_method,
+    with_background_names,
+    with_hidden_background,
+)
+from ovss_label.backend.proposers.cache import FeatureCache
+from ovss_label.backend.proposers.refine import RefineConfig, with_sam
+from ovss_label.ontologies import Vocabulary, load
+
+STUFF = load("voc21").synonyms[0]  # NACLIP's background line: cls_voc21.txt line 0
+
+
+@pytest.fixture()
+def naclip_files(tiny_checkpoints, tiny_files) -> dict[str, object]:
+    return {"tiny": True, "checkpoint": str(tiny_checkpoints["openai"]),
+            "sam_checkpoint": tiny_files["sam"], "background": "none"}  # fmt: skip
+
+
+def test_a_sam_plan_promises_the_identity_its_proposer_serves(naclip_files):
+    """``with_sam`` itself (the registry holds the closures it made at import)."""
+    refine = RefineConfig(prompt="box", max_prompts=3, threshold=0.4)
+    plan = with_sam("naclip")(refine=refine, slide_stride=8, **naclip_files)
+    assert plan.method == "naclip+sam"
+    assert plan.identity == method_plan("naclip+sam", refine=refine, slide_stride=8,
+                                        **naclip_files).identity  # fmt: skip
+    pool, cache = ModelPool(), FeatureCache()
+    proposer = plan.build(pool, cache)
+    assert proposer.identity == plan.identity and proposer.name == "naclip+sam"
+    assert proposer.config == refine and proposer.cache is cache
+    assert proposer.sam is pool.load(WeightRef("sam_vit_b", naclip_files["sam_checkpoint"], True))
+    assert proposer.dense.name == "naclip" and proposer.dense.map_cache is cache
+    assert proposer.dense.config.slide_stride == 8  # the dense options reach the dense method
+    settings = json.loads(plan.identity.settings)
+    assert settings["refine"] == {"revision": 1, **settings_of(refine)}
+    assert settings["dense"]["slide_stride"] == 8
+    sam = plan.identity.weights[-1]
+    assert (sam.role, sam.name) == ("sam", "sam_vit_b")
+    sam_file = WeightRef("sam_vit_b", naclip_files["sam_checkpoint"], True)
+    assert sam.fingerprint == sam_file.fingerprint()
+
+
+def test_a_sam_plans_defaults_and_its_models_come_from_the_options(naclip_files, monkeypatch):
+    default = json.loads(with_sam("naclip")(**naclip_files).identity.settings)["refine"]
+    assert default == {"revision": 1, **settings_of(RefineConfig())}
+    with pytest.raises(ValueError, match=r"prompt must be one of .* got 'boxes'"):
+        with_sam("naclip")(refine=RefineConfig(prompt="boxes"), **naclip_files)
+    # tiny=None reads OVSS_TINY, for SAM as for the dense method.
+    options = {k: v for k, v in naclip_files.items() if k != "tiny"}
+    monkeypatch.setenv("OVSS_TINY", "1")
+    assert with_sam("naclip")(**options).identity == with_sam("naclip")(**naclip_files).identity
+    monkeypatch.delenv("OVSS_TINY")
+    real = with_sam("naclip")(sam_model="sam_vit_h", **{**options, "sam_checkpoint": None})
+    assert [(w.role, w.name) for w in real.identity.weights] == [
+        ("clip", "clip_vit_b16"), ("sam", "sam_vit_h")]  # fmt: skip
+    assert real.identity.weights[1].fingerprint == WeightRef("sam_vit_h").fingerprint()
+
+
+def test_a_method_is_registered_once_under_its_name(monkeypatch):
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    planned = []
+
+    @register_method("probe")
+    def plan_probe(**options):
+        planned.append(options)
+        return "planned"
+
+    assert method_plan("probe", tiny=True) == "planned" and planned == [{"tiny": True}]
+    with pytest.raises(ValueError, match=r"^method 'probe' registered twice$"):
+        register_method("probe")(plan_probe)
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; available: .*naclip"):
+        method_plan("nope")
+
+
+def test_a_named_background_class_gets_the_stuff_names_and_keeps_the_vocabularys_name():
+    vocab = Vocabulary(("Background", "cat", "sky"), (("Background",), ("cat",), ("sky",)),
+                       ("a photo of a {}.",), "pets")  # fmt: skip
+    named = with_background_names(vocab)
+    assert named.names == vocab.names and named.name == "pets"
+    assert named.templates == vocab.templates
+    # The stuff line minus what is already a label's synonym ("sky").
+    assert named.synonyms == (tuple(s for s in STUFF if s != "sky"), ("cat",), ("sky",))
+    own = Vocabulary(("background", "cat"), (("floor", "wall"), ("cat",)))
+    assert with_background_names(own).synonyms == (("floor", "wall"), ("cat",))
+
+
+def test_the_hidden_background_is_added_only_when_there_is_none():
+    vocab = Vocabulary(("cat", "dog"), (("cat",), ("dog",)), ("a {}.",), "pets")
+    hidden, added = with_hidden_background(vocab)
+    assert added and hidden.names == (BACKGROUND, "cat", "dog") and hidden.name == "pets"
+    assert hidden.synonyms[0] == STUFF and hidden.templates == ("a {}.",)
+    with_bg = Vocabulary.from_labels(["background", "cat"])
+    assert with_hidden_background(with_bg) == (with_bg, False)
+
+
+def _head_with(tiny_head, tmp_path, key: str):
+    from ovss_label.backend.training.head import load_head, save_head
+
+    head = load_head(tiny_head)
+    fingerprints = {**head.meta["fingerprints"], key: "0123456789abcdef" * 4}
+    path = tmp_path / key / "head.safetensors"
+    save_head(path, head.module, {**head.meta, "fingerprints": fingerprints})
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "what", "model"),
+    [
+        ("backbone_fingerprint", "backbone's features", "dinov2"),
+        ("text", "CLIP text tower", "clip"),
+    ],
+)
+def test_a_head_refuses_models_it_was_not_trained_with(tiny_head, tmp_path, key, what, model):
+    from ovss_label.backend.proposers import create_proposer
+
+    pool = ModelPool()
+    proposer = create_proposer("fmbseg", tiny=True, head=str(tiny_head), pool=pool)
+    loaded = proposer.dinov2 if model == "dinov2" else proposer.text.clip
+    found = loaded.backbone_fingerprint if model == "dinov2" else loaded.text_fingerprint
+    other = _head_with(tiny_head, tmp_path, key)
+    expected = (
+        f"this head was trained on another {what} (0123456789ab; loaded "
+        f"{loaded.weight or loaded.name} is {found[:12]}): load the one it was trained with"
+    )
+    with pytest.raises(ValueError) as err:
+        create_proposer("fmbseg", tiny=True, head=str(other), pool=pool)
+    assert str(err.value) == expected
+
+
+def test_a_head_without_a_recorded_fingerprint_is_not_checked(tiny_head, tmp_path):
+    from ovss_label.backend.proposers import create_proposer
+    from ovss_label.backend.training.head import load_head, save_head
+
+    head = load_head(tiny_head)
+    fingerprints = {k: v for k, v in head.meta["fingerprints"].items() if k != "text"}
+    path = tmp_path / "old" / "head.safetensors"
+    save_head(path, head.module, {**head.meta, "fingerprints": fingerprints})
+    assert create_proposer("fmbseg", tiny=True, head=str(path)).name == "fmbseg"
+
+
+def test_mask_features_keep_the_feature_dtype_and_confidence_is_clips_softmax():
+    from ovss_label.backend.proposers import fmbseg
+
+    features = torch.nn.functional.normalize(torch.randn(2, 2, 3, dtype=torch.float64), dim=-1)
+    mask = np.zeros((1, 20, 20), bool)
+    mask[0, :, :10] = True
+    mean = fmbseg.mask_mean_features(mask, features)
+    assert mean.dtype == torch.float64
+    torch.testing.assert_close(mean[0], torch.nn.functional.normalize(features[:, 0].sum(0), dim=0))
+    text = torch.eye(3, dtype=torch.float64)
+    cosine = mean[0] @ text.T
+    _, confidence = fmbseg.label_masks(mean, text, np.array([True, True, False]))
+    expected = torch.softmax(100.0 * cosine[:2], dim=0).max()  # CLIP's trained scale, 100
+    assert confidence[0] == pytest.approx(float(expected), rel=1e-9)
