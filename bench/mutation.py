@@ -85,12 +85,16 @@ FAST_TESTS = {
     ],
     "backend/proposers": [
         "tests/test_clip_sam.py",
+        "tests/test_confidence.py",  # confidence.py (calibration)
+        "tests/test_feature_store.py",  # cache.py
         "tests/test_guarantees_converters.py",
         "tests/test_guarantees_methods.py",
         "tests/test_identity.py",
         "tests/test_naclip.py",
         "tests/test_pamr.py",
         "tests/test_pnp.py",
+        "tests/test_pnp_proposer.py",
+        "tests/test_proposer_plans.py",
         "tests/test_proposers.py",
         "tests/test_reference_defaults.py",
         "tests/test_sam.py",

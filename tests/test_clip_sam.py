@@ -140,3 +140,83 @@ def test_crop_features_are_clips_windows_over_the_normalised_resized_image(tiny_
     torch.testing.assert_close(features.tensors["cls"], torch.stack(cls))
     torch.testing.assert_close(features.tensors["patches"], F.normalize(summed / count, dim=-1))
     assert features.meta["network"] == (48, 64) and features.image_hw == (40, 53)
+
+
+def _stage_proposer(tiny_checkpoints, **options):
+    cache = FeatureCache()
+    proposer = create_proposer("clip_sam", tiny=True, checkpoint=tiny_checkpoints["openai"],
+                               short_side=48, crop=32, stride=16, feature_cache=cache,
+                               **options)  # fmt: skip
+    image = np.random.default_rng(5).integers(0, 256, (40, 53, 3), dtype=np.uint8)
+    return proposer, proposer.encode(image), cache
+
+
+def test_stage_one_prompts_sam_at_each_wanted_classs_top_patch_centres(
+    tiny_checkpoints, monkeypatch
+):
+    """Stage 1.1: ``points`` top patches per wanted class, their centres mapped from the
+    48 x 64 network frame to the 40 x 53 image, all positive, one SAM decode; an instance's
+    score is SAM's predicted IoU clipped to [0, 1]; empty masks are dropped."""
+    from ovss_label.backend.proposers import clip_sam
+
+    proposer, features, cache = _stage_proposer(tiny_checkpoints, points=2)
+    calls = []
+    masks = np.zeros((3, 40, 53), bool)
+    masks[0, :10], masks[1, 20:] = True, True  # mask 2 stays empty
+
+    def decode(sam, sam_features, points, labels, cache):
+        calls.append((sam, sam_features, points, labels, cache))
+        return masks[: len(points)], np.array([1.3, -0.2, 0.5])[: len(points)]
+
+    monkeypatch.setattr(clip_sam, "decode", decode)
+    patch_sim = torch.zeros(4, 3, 4)  # 4 classes on the 3 x 4 patch grid
+    patch_sim[0, 2, 3], patch_sim[0, 0, 1] = 0.9, 0.8
+    patch_sim[2, 1, 0], patch_sim[2, 0, 2] = 0.7, 0.6
+    patch_sim[3, 0, 0], patch_sim[3, 2, 2] = 0.5, 0.4
+    vocab = Vocabulary.from_labels("cat, dog, cup, tv")
+    wanted = np.array([True, False, True, True])
+    found = proposer._stage_one(features, patch_sim, wanted, vocab)
+    (sam, sam_features, points, labels, used_cache), = calls  # fmt: skip
+    assert sam is proposer.sam and sam_features is features.meta["sam"] and used_cache is cache
+    sy, sx = 40 / 48, 53 / 64
+    expected = [[(3.5, 2.5), (1.5, 0.5)], [(0.5, 1.5), (2.5, 0.5)], [(0.5, 0.5), (2.5, 2.5)]]
+    np.testing.assert_allclose(points, np.array(expected) * 16 * np.array([sx, sy]))
+    assert labels.shape == (3, 2) and labels.dtype == np.int64 and (labels == 1).all()
+    assert [(i.label, i.score) for i in found] == [("cat", 1.0), ("cup", 0.0)]
+    assert proposer._stage_one(features, patch_sim, np.zeros(4, bool), vocab) == []
+
+
+def test_stage_two_labels_sampled_automatic_masks_by_their_mean_patch_feature(
+    tiny_checkpoints, monkeypatch
+):
+    """Stage 1.2: automatic masks of at least ``min_area``, a ``stage2_ratio`` sample (seeded),
+    each labelled with the wanted class nearest its mean patch feature; score = SAM's
+    predicted IoU x the label's probability, clipped to [0, 1]."""
+    from ovss_label.backend.proposers import clip_sam
+
+    proposer, features, _ = _stage_proposer(tiny_checkpoints, stage2_ratio=0.5, seed=3)
+    records = []
+    for i in range(8):
+        mask = np.zeros((40, 53), bool)
+        mask[:, i * 6 : i * 6 + 6] = True
+        records.append({"segmentation": mask, "area": int(mask.sum()), "predicted_iou": 1.5})
+    records.append({"segmentation": records[0]["segmentation"], "area": 2, "predicted_iou": 1.0})
+    asked = []
+    monkeypatch.setattr(clip_sam, "automatic_masks", lambda *a: asked.append(a) or records)
+    text, query_idx = proposer.text.query_features(Vocabulary.from_labels("cat, dog"))
+    idx = torch.tensor(query_idx)
+    vocab, wanted = Vocabulary.from_labels("cat, dog"), np.array([True, True])
+    found = proposer._stage_two(features, text, idx, wanted, vocab)
+    keep = np.random.default_rng(3).random(8) < 0.5  # the 2-px mask is below min_area first
+    sampled = np.stack([r["segmentation"] for r, k in zip(records, keep, strict=False) if k])
+    labels, confidence = fmbseg.label_masks(
+        fmbseg.mask_mean_features(sampled, features.tensors["patches"]), text, wanted
+    )
+    assert [i.label for i in found] == [vocab.names[k] for k in labels]
+    assert [i.score for i in found] == pytest.approx(np.clip(1.5 * confidence, 0, 1).tolist())
+    assert all(np.array_equal(i.mask, m) for i, m in zip(found, sampled, strict=True))
+    assert 0 < len(found) < 8 and len(asked) == 1
+    assert proposer._stage_two(features, text, idx, np.zeros(2, bool), vocab) == []
+    assert len(asked) == 1  # nothing wanted: no automatic masks at all
+    none, _, _ = _stage_proposer(tiny_checkpoints, stage2_ratio=0.0)
+    assert none._stage_two(features, text, idx, wanted, vocab) == [] and len(asked) == 1

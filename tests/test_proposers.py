@@ -238,3 +238,8 @@ def test_a_decoded_image_is_hashed_once_across_every_cache_of_a_composite(tmp_pa
     cache_module.image_key(writable)
     cache_module.image_key(writable)
     assert len(hashed) == 3
+    frozen = cache_module.freeze(writable)  # read-only in place: from now on hashed once
+    assert frozen is writable and not writable.flags.writeable
+    cache_module.image_key(frozen)
+    cache_module.image_key(frozen)
+    assert len(hashed) == 4
