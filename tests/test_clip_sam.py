@@ -83,6 +83,25 @@ def test_automatic_masks_run_on_the_cached_embedding(tiny_sam):
         assert record["area"] == int(record["segmentation"].sum())
 
 
+def test_automatic_masks_equal_segment_anythings_generator_with_the_configs_settings(tiny_sam):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    image = np.random.default_rng(1).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    config = ClipSamConfig(
+        amg_points_per_side=5, amg_pred_iou=0.0, amg_stability=0.0, amg_box_nms=0.95
+    )
+    ours = automatic_masks(tiny_sam, SamEncoder(tiny_sam).encode(image), config)
+    theirs = SamAutomaticMaskGenerator(
+        tiny_sam.model, points_per_side=5, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+        box_nms_thresh=0.95,
+    ).generate(image)  # fmt: skip
+    assert len(ours) == len(theirs) > 1
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(a["segmentation"], b["segmentation"])
+        assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-5)
+        assert a["point_coords"] == b["point_coords"]
+
+
 def test_one_sam_pass_across_refinement_and_both_stages(tiny_checkpoints, tiny_files):
     cache, pool = FeatureCache(), ModelPool()
     common = {"tiny": True, "checkpoint": tiny_checkpoints["openai"], "feature_cache": cache,

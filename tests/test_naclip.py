@@ -237,3 +237,52 @@ def test_one_proposer_serves_threads(proposer):
         )
     for i, scores in enumerate(parallel):
         np.testing.assert_array_equal(scores, serial[i % 4])
+
+
+def test_window_logits_are_upsampled_bilinearly_and_averaged_where_windows_overlap(proposer):
+    """mmseg's ``slide_inference`` (docs/algorithms.md §1.6) written out: each window's patch
+    logits, bilinear with half-pixel centres to the window's pixels, summed over the windows
+    that cover a pixel and divided by their number."""
+    features = proposer.encode(_image())
+    network = features.meta["frames"].network
+    boxes = features.meta["boxes"]
+    assert len(boxes) > 2 and boxes[0][3] > boxes[1][2]  # the windows overlap
+    text = F.normalize(torch.randn(3, features.tensors["feats_0"].shape[-1]), dim=-1)
+    total, count = torch.zeros(3, *network), torch.zeros(1, *network)
+    for i, (y1, y2, x1, x2) in enumerate(boxes):
+        patch_logits = torch.einsum("hwd,qd->qhw", features.tensors[f"feats_{i}"], text)
+        total[:, y1:y2, x1:x2] += F.interpolate(
+            patch_logits[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False
+        )[0]
+        count[:, y1:y2, x1:x2] += 1
+    expected = total / count
+    torch.testing.assert_close(proposer._slide_logits(features, text, network), expected)
+
+
+def test_pamr_runs_with_the_configs_steps_and_dilations(tiny_clip, monkeypatch):
+    from ovss_label.backend.proposers import naclip as naclip_module
+
+    config = NaclipConfig(background="none", slide_crop=32, slide_stride=16, short_side=48,
+                          pamr_steps=3, pamr_dilations=(1, 4))  # fmt: skip
+    proposer = NaclipProposer(tiny_clip, config, TextEncoder(tiny_clip))
+    calls = []
+    real = naclip_module.pamr_propagate
+    monkeypatch.setattr(naclip_module, "pamr_propagate",
+                        lambda *args: calls.append(args[2:]) or real(*args))  # fmt: skip
+    proposer.score(proposer.encode(_image()), Vocabulary.from_labels("cat, dog"))
+    assert calls == [((1, 4), 3)]
+
+
+def test_features_without_an_image_key_never_share_refined_maps(tiny_clip, proposer):
+    from dataclasses import replace
+
+    from ovss_label.backend.proposers import FeatureCache
+
+    cache = FeatureCache(1 << 30)
+    cached = NaclipProposer(tiny_clip, proposer.config, proposer.text, cache)
+    vocab = Vocabulary.from_labels("cat, dog")
+    first, second = (replace(cached.encode(_image(seed=s)), key="") for s in (1, 2))
+    cached.score(first, vocab)
+    assert len(cache) == 0  # nothing to file the maps under
+    result = cached.score(second, vocab)
+    np.testing.assert_array_equal(result.scores, proposer.score(second, vocab).scores)
