@@ -286,3 +286,67 @@ def test_features_without_an_image_key_never_share_refined_maps(tiny_clip, propo
     assert len(cache) == 0  # nothing to file the maps under
     result = cached.score(second, vocab)
     np.testing.assert_array_equal(result.scores, proposer.score(second, vocab).scores)
+
+
+def test_network_input_is_mmsegs_normalisation_of_the_resized_image(proposer, monkeypatch):
+    """NACLIP's ``data_preprocessor``: (pixel - mean) / std per RGB channel, mmseg's CLIP
+    values, on the image resized to the network frame."""
+    from ovss_label.backend.proposers import naclip as naclip_module
+
+    assert naclip_module.PIXEL_MEAN == (122.771, 116.746, 104.094)
+    assert naclip_module.PIXEL_STD == (68.501, 66.632, 70.323)
+    seen = []
+    real = NaclipProposer._window_features
+
+    def recording(self, net, boxes):
+        seen.append(net)
+        return real(self, net, boxes)
+
+    monkeypatch.setattr(NaclipProposer, "_window_features", recording)
+    image = _image()
+    features = proposer.encode(image)
+    resized = torch.from_numpy(features.meta["frames"].to_network(image)).permute(2, 0, 1)
+    mean = torch.tensor([122.771, 116.746, 104.094])[:, None, None]
+    std = torch.tensor([68.501, 66.632, 70.323])[:, None, None]
+    torch.testing.assert_close(seen[0], (resized.float() - mean) / std)
+
+
+def test_labels_decided_in_a_smaller_work_frame_are_resized_nearest(tiny_clip, monkeypatch):
+    config = NaclipConfig(background="none", slide_crop=32, slide_stride=16, short_side=48,
+                          max_side=40)  # fmt: skip
+    proposer = NaclipProposer(tiny_clip, config, TextEncoder(tiny_clip))
+    decided = []
+    real = NaclipProposer._postprocess
+    monkeypatch.setattr(NaclipProposer, "_postprocess",
+                        lambda *a: decided.append(real(*a)) or decided[-1])  # fmt: skip
+    proposal = proposer.score(proposer.encode(_image(60, 90)), Vocabulary.from_labels("cat, dog"))
+    work_labels = decided[0][1]
+    assert tuple(work_labels.shape) != (60, 90) and proposal.assignment.shape == (60, 90)
+    expected = F.interpolate(work_labels[None, None].float(), size=(60, 90), mode="nearest")
+    np.testing.assert_array_equal(proposal.assignment, expected[0, 0].long().numpy())
+
+
+def test_postprocess_threshold_is_strict_and_the_background_index(proposer):
+    from ovss_label.backend.proposers.naclip import _background_index
+
+    assert _background_index(Vocabulary.from_labels("cat, dog")) == -1
+    assert _background_index(Vocabulary.from_labels("cat, background, dog")) == 1
+    logits = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(3))
+    probs, _ = proposer._postprocess(logits, [0, 1, 2], 0.0, 0)
+    best = probs.max(dim=0).values
+    _, pred = proposer._postprocess(logits, [0, 1, 2], float(best[0, 0]), 0)
+    assert pred[0, 0] == probs[:, 0, 0].argmax()  # exactly at the threshold: kept
+    assert (pred[best < best[0, 0]] == 0).all()  # below it: background
+
+
+def test_query_features_are_computed_once_per_vocabulary(tiny_clip):
+    config = NaclipConfig(background="none", slide_crop=32, slide_stride=16, short_side=48)
+    text = TextEncoder(tiny_clip)
+    calls = []
+    real = text.query_features
+    text.query_features = lambda vocab: calls.append(vocab) or real(vocab)  # type: ignore[method-assign]
+    proposer = NaclipProposer(tiny_clip, config, text)
+    features = proposer.encode(_image())
+    for labels in ("cat, dog", "cup", "cat, dog"):
+        proposer.score(features, Vocabulary.from_labels(labels))
+    assert [v.names for v in calls] == [("cat", "dog"), ("cup",)]

@@ -81,3 +81,23 @@ def test_constant_maps_are_fixed_points_and_channels_are_independent():
     many = torch.randn(9, 30, 30, generator=torch.Generator().manual_seed(3))
     together = pamr_propagate(aff, many)
     torch.testing.assert_close(together[4:5], pamr_propagate(aff, many[4:5]))
+
+
+def test_the_defaults_are_naclips_and_a_mismatched_affinity_is_named():
+    import inspect
+
+    import pytest
+
+    defaults = {k: p.default for k, p in inspect.signature(pamr_propagate).parameters.items()}
+    assert (
+        defaults["dilations"] == (8, 16) and defaults["num_iter"] == 10
+    )  # NACLIP's PAMR(10, [8, 16])
+    image = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(1))
+    aff = pamr_affinity(image, (1, 2))
+    logits = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(pamr_propagate(aff, logits, (1, 2)),
+                               pamr_propagate(aff, logits, (1, 2), 10))  # fmt: skip
+    with pytest.raises(ValueError, match=r"^affinity \(16, 6, 5\) does not fit logits \(6, 4\)$"):
+        pamr_propagate(aff, logits[:, :, :4], (1, 2))  # the right slots, another size
+    with pytest.raises(ValueError, match=r"^affinity \(16, 6, 5\) does not fit logits \(6, 5\)$"):
+        pamr_propagate(aff, logits, (1, 2, 3))  # the right size, other dilations
