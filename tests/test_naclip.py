@@ -350,3 +350,12 @@ def test_query_features_are_computed_once_per_vocabulary(tiny_clip):
     for labels in ("cat, dog", "cup", "cat, dog"):
         proposer.score(features, Vocabulary.from_labels(labels))
     assert [v.names for v in calls] == [("cat", "dog"), ("cup",)]
+
+
+def test_frames_resize_with_half_pixel_centres_and_cap_the_work_frame_at_2048():
+    frames = Frames.for_image((1, 4), short_side=1)
+    assert frames.original == (1, 4)
+    two = torch.tensor([[[0.0, 1.0]]])  # (1, 1, 2) maps -> 4 columns: mmseg's resize
+    torch.testing.assert_close(frames.to_original(two), torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
+    assert Frames.for_image((10, 2048), 336).work == (10, 2048)  # at the cap: unchanged
+    assert Frames.for_image((10, 2049), 336).work[1] == 2048  # over it: scaled down

@@ -24,7 +24,7 @@ from ovss_label.backend.proposers.base import (
     with_background_names,
     with_hidden_background,
 )
-from ovss_label.backend.proposers.cache import FeatureCache
+from ovss_label.backend.proposers.cache import FeatureCache, image_key
 from ovss_label.backend.proposers.refine import RefineConfig, with_sam
 from ovss_label.ontologies import Vocabulary, load
 
@@ -51,6 +51,9 @@ def test_a_sam_plan_promises_the_identity_its_proposer_serves(naclip_files):
     assert proposer.sam is pool.load(WeightRef("sam_vit_b", naclip_files["sam_checkpoint"], True))
     assert proposer.dense.name == "naclip" and proposer.dense.map_cache is cache
     assert proposer.dense.config.slide_stride == 8  # the dense options reach the dense method
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    features = proposer.encode(image)
+    assert features.image_hw == (24, 40) and features.key == image_key(image)
     settings = json.loads(plan.identity.settings)
     assert settings["refine"] == {"revision": 1, **settings_of(refine)}
     assert settings["dense"]["slide_stride"] == 8
