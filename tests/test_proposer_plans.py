@@ -1,5 +1,6 @@
-"""How methods are planned and built: ``<dense>+sam`` plans, the registry, the background
-vocabularies the methods score, and a trained head's checks on the models it is given.
+"""How methods are planned and built: ``<dense>+sam`` plans and how they prompt SAM, the
+registry, the background vocabularies the methods score, a trained head's checks on the models
+it is given, overlap resolution and the image-hash memo.
 
 Written against mutmut's survivors in ``backend/proposers`` (docs/mutation.md); each test states
 what a user relies on: the ``model_version`` promised before loading is the one served, a head
@@ -175,3 +176,99 @@ def test_mask_features_keep_the_feature_dtype_and_confidence_is_clips_softmax():
     _, confidence = fmbseg.label_masks(mean, text, np.array([True, True, False]))
     expected = torch.softmax(100.0 * cosine[:2], dim=0).max()  # CLIP's trained scale, 100
     assert confidence[0] == pytest.approx(float(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "multimask"), [("box+point", True), ("box", False), ("point", True)]
+)
+def test_sam_refinement_prompts_sam_as_configured(naclip_files, monkeypatch, prompt, multimask):
+    """Each dense part becomes the configured prompt (its box, its interior point with a
+    positive label, or both) in one decode on the shared cache; an instance's score is the
+    dense class's mean score over SAM's mask times SAM's predicted IoU, clipped to [0, 1]."""
+    from ovss_label.backend.proposers import refine
+    from ovss_label.backend.proposers.base import Proposal
+
+    config = RefineConfig(prompt=prompt, multimask=multimask)
+    cache = FeatureCache()
+    proposer = with_sam("naclip")(refine=config, **naclip_files).build(ModelPool(), cache)
+    assert proposer.name == "naclip+sam"
+    calibration = object()  # e.g. a trained fmbseg head's map: SAM's masks are scored by it too
+    monkeypatch.setattr(proposer.dense, "calibration", calibration, raising=False)
+    assert refine.SamRefined(proposer.dense, proposer.sam, config).calibration is calibration
+    scores = np.zeros((2, 20, 30), np.float32)
+    scores[0, 2:8, 3:9], scores[1, 10:18, 12:28] = 0.8, 0.6
+    dense = Proposal(("cat", "dog"), scores)
+    prompts = refine.prompts_from_proposal(dense, config)
+    calls = []
+    masks = np.zeros((2, 20, 30), bool)
+    masks[0, :10], masks[1, 10:] = True, True
+
+    def decode(sam, sam_features, *, points, labels, boxes, multimask, cache):
+        calls.append({"points": points, "labels": labels, "boxes": boxes,
+                      "multimask": multimask, "cache": cache, "sam": sam})  # fmt: skip
+        return masks, np.array([0.5, 5.0])  # dog: 0.256 x 5 > 1
+
+    monkeypatch.setattr(refine, "decode", decode)
+    found = proposer._instances("sam features", dense, prompts)
+    (call,) = calls
+    assert call["sam"] is proposer.sam and call["cache"] is cache
+    assert call["multimask"] is multimask
+    if "point" in prompt:
+        np.testing.assert_array_equal(call["points"], prompts.points)
+        assert call["labels"].dtype == np.int64 and (call["labels"] == 1).all()
+        assert call["labels"].shape == (2, 1)
+    else:
+        assert call["points"] is None and call["labels"] is None
+    if "box" in prompt:
+        np.testing.assert_array_equal(call["boxes"], prompts.boxes)
+    else:
+        assert call["boxes"] is None
+    cat = float(scores[0][masks[0]].mean()) * 0.5  # prompts come best first: cat, then dog
+    assert [(i.label, i.score) for i in found] == [("cat", pytest.approx(cat)), ("dog", 1.0)]
+
+
+def test_every_part_above_min_area_gets_a_prompt_after_a_small_one():
+    from ovss_label.backend.proposers.base import Proposal
+    from ovss_label.backend.proposers.refine import prompts_from_proposal
+
+    scores = np.zeros((1, 20, 20), np.float32)
+    scores[0, 0, 0] = 0.9  # a 1-px speck first in raster order, below min_area
+    scores[0, 10:15, 10:15] = 0.7
+    prompts = prompts_from_proposal(Proposal(("cat",), scores), RefineConfig(min_area=0.01))
+    assert len(prompts) == 1 and prompts.boxes.tolist() == [[10.0, 10.0, 15.0, 15.0]]
+
+
+def test_overlaps_go_to_the_higher_score_and_a_background_instance_is_skipped():
+    from ovss_label.backend.proposers.postprocess import resolve_overlaps
+    from ovss_label.converters import Instance
+
+    def square(y, x):
+        mask = np.zeros((10, 10), bool)
+        mask[y : y + 4, x : x + 4] = True
+        return mask
+
+    kept = resolve_overlaps(
+        [
+            Instance(square(0, 0), "cat", None),  # no score: ranks as 0
+            Instance(square(2, 2), "dog", 0.4),
+            Instance(square(0, 0), "background", 0.9),
+            Instance(square(6, 6), "cup", 0.1),
+        ],
+        min_pixels=1,
+    )
+    assert [(i.label, i.score, int(i.mask.sum())) for i in kept] == [
+        ("dog", 0.4, 16), ("cup", 0.1, 16), ("cat", None, 12)]  # fmt: skip
+
+
+def test_an_images_remembered_hash_is_forgotten_with_the_image():
+    import gc
+
+    from ovss_label.backend.proposers import cache as cache_module
+
+    image = cache_module.freeze(np.zeros((4, 4, 3), np.uint8))
+    key = image_key(image)
+    ident = id(image)
+    assert cache_module._keys[ident][1] == key
+    del image
+    gc.collect()
+    assert ident not in cache_module._keys
