@@ -272,3 +272,34 @@ def test_an_images_remembered_hash_is_forgotten_with_the_image():
     del image
     gc.collect()
     assert ident not in cache_module._keys
+
+
+def test_a_head_is_found_from_a_run_folder_or_the_variable_or_says_how_to_train_one(
+    tiny_head, tmp_path, monkeypatch
+):
+    from ovss_label.backend.proposers.aligned import head_file
+
+    assert head_file(tiny_head.parent) == tiny_head  # a run folder: its head.safetensors
+    assert head_file(str(tiny_head)) == tiny_head
+    monkeypatch.setenv("OVSS_FMBSEG_HEAD", str(tiny_head.parent))
+    assert head_file(None) == tiny_head
+    monkeypatch.delenv("OVSS_FMBSEG_HEAD")
+    with pytest.raises(ValueError) as err:
+        head_file(None)
+    assert str(err.value) == (
+        "fmbseg needs a trained head: `ovss-label train ... -o RUN_DIR`, then --head RUN_DIR"
+        " (or OVSS_FMBSEG_HEAD)"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"^no trained head at .*empty.head\.safetensors: run "):
+        head_file(empty)
+
+
+def test_top_confidence_is_the_best_class_score_and_zero_without_classes():
+    from ovss_label.backend.proposers.base import Proposal
+
+    scores = np.random.default_rng(0).random((1, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(Proposal(("cat",), scores).top_confidence(), scores[0])
+    empty = Proposal((), np.zeros((0, 4, 5), np.float32)).top_confidence()
+    assert empty.shape == (4, 5) and empty.dtype == np.float32 and not empty.any()
