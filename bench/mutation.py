@@ -86,7 +86,6 @@ FAST_TESTS = {
     "backend/proposers": [
         "tests/test_clip_sam.py",
         "tests/test_confidence.py",  # confidence.py (calibration)
-        "tests/test_feature_store.py",  # cache.py
         "tests/test_guarantees_converters.py",
         "tests/test_guarantees_methods.py",
         "tests/test_identity.py",

@@ -117,12 +117,16 @@ def test_the_hidden_background_is_added_only_when_there_is_none():
     assert with_hidden_background(with_bg) == (with_bg, False)
 
 
-def _head_with(tiny_head, tmp_path, key: str):
+def _head_with(tiny_head, folder, key: str, fingerprint: str | None):
+    """A copy of ``tiny_head`` in ``folder`` whose recorded ``key`` fingerprint is
+    ``fingerprint`` (None: not recorded, as a head trained before it was)."""
     from ovss_label.backend.training.head import load_head, save_head
 
     head = load_head(tiny_head)
-    fingerprints = {**head.meta["fingerprints"], key: "0123456789abcdef" * 4}
-    path = tmp_path / key / "head.safetensors"
+    fingerprints = {k: v for k, v in head.meta["fingerprints"].items() if k != key}
+    if fingerprint is not None:
+        fingerprints[key] = fingerprint
+    path = folder / "head.safetensors"
     save_head(path, head.module, {**head.meta, "fingerprints": fingerprints})
     return path
 
@@ -141,7 +145,7 @@ def test_a_head_refuses_models_it_was_not_trained_with(tiny_head, tmp_path, key,
     proposer = create_proposer("fmbseg", tiny=True, head=str(tiny_head), pool=pool)
     loaded = proposer.dinov2 if model == "dinov2" else proposer.text.clip
     found = loaded.backbone_fingerprint if model == "dinov2" else loaded.text_fingerprint
-    other = _head_with(tiny_head, tmp_path, key)
+    other = _head_with(tiny_head, tmp_path / key, key, "0123456789abcdef" * 4)
     expected = (
         f"this head was trained on another {what} (0123456789ab; loaded "
         f"{loaded.weight or loaded.name} is {found[:12]}): load the one it was trained with"
@@ -153,12 +157,8 @@ def test_a_head_refuses_models_it_was_not_trained_with(tiny_head, tmp_path, key,
 
 def test_a_head_without_a_recorded_fingerprint_is_not_checked(tiny_head, tmp_path):
     from ovss_label.backend.proposers import create_proposer
-    from ovss_label.backend.training.head import load_head, save_head
 
-    head = load_head(tiny_head)
-    fingerprints = {k: v for k, v in head.meta["fingerprints"].items() if k != "text"}
-    path = tmp_path / "old" / "head.safetensors"
-    save_head(path, head.module, {**head.meta, "fingerprints": fingerprints})
+    path = _head_with(tiny_head, tmp_path / "old", "text", None)
     assert create_proposer("fmbseg", tiny=True, head=str(path)).name == "fmbseg"
 
 
