@@ -93,6 +93,7 @@ FAST_TESTS = {
         "tests/test_pamr.py",
         "tests/test_pnp.py",
         "tests/test_pnp_proposer.py",
+        "tests/test_proposer_contracts.py",
         "tests/test_proposer_plans.py",
         "tests/test_proposers.py",
         "tests/test_reference_defaults.py",

@@ -22,6 +22,10 @@ def test_presence_counts_crop_votes():
     assert fmbseg.present_classes(sims, min_crops=1).tolist() == [False, False, True]
     assert fmbseg.present_classes(sims, min_crops=0).tolist() == [True, False, True]
     assert fmbseg.present_classes(sims, min_crops=3).tolist() == [False, False, False]
+    # The default is the paper's "more than 1 crop"; a class no crop votes for is still a
+    # column of the answer (here the last one: votes 2, 1, 0).
+    sims = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.1, 0.0], [0.1, 0.9, 0.0]])
+    assert fmbseg.present_classes(sims).tolist() == [True, False, False]
 
 
 def test_top_patches_and_their_pixel_centres():

@@ -4,6 +4,7 @@ calibrated from (backend/evaluation/calibration.py)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,43 @@ def test_the_fit_leaves_empty_bins_out_and_needs_pixels():
 
 @pytest.mark.parametrize(
     "knots, accuracy, message",
-    [((0.5, 0.4), (0.1, 0.2), "increase"), ((0.1, 0.2), (0.3, 0.2), "not decrease"),
-     ((0.1, 1.2), (0.1, 0.2), r"\[0, 1\]"), ((), (), "at least one")],
+    [((0.5, 0.4), (0.1, 0.2), "calibration knots must increase"),
+     ((0.5, 0.5), (0.1, 0.2), "calibration knots must increase"),
+     ((0.1, 0.2), (0.3, 0.2), "calibrated accuracies must not decrease"),
+     ((0.1, 1.2), (0.1, 0.2), "calibration values must lie in [0, 1]"),
+     ((0.1, 0.2), (-0.1, 0.2), "calibration values must lie in [0, 1]"),
+     ((), (), "a calibration needs as many knots as accuracies, at least one"),
+     ((0.1, 0.2), (0.3,), "a calibration needs as many knots as accuracies, at least one")],
 )  # fmt: skip
 def test_a_calibration_is_checked(knots, accuracy, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         Calibration(knots, accuracy)
+    Calibration((0.1, 0.2), (0.3, 0.3))  # equal accuracies are a flat stretch, allowed
+
+
+def test_the_fit_averages_bins_of_equal_confidence_by_pixels():
+    # Two bins at 0.5 (float ties of bin means): one knot, (0.2*10 + 0.6*30) / 40 = 0.5.
+    fitted = fit_calibration([0.5, 0.7, 0.5], [0.6, 0.9, 0.2], [30, 10, 10])
+    assert fitted.knots == (0.5, 0.7)
+    assert fitted.accuracy == pytest.approx((0.5, 0.9))
+    assert fitted.pixels == 50 and fitted.images == 0
+
+
+def test_the_fit_keeps_single_pixel_bins_clips_rounding_and_counts_images():
+    fitted = fit_calibration([0.2, 0.9], [-1e-12, 1.0 + 1e-12], [1, 1], images=3)
+    assert fitted.knots == (0.2, 0.9)
+    assert fitted.accuracy == (0.0, 1.0)  # rounding just outside [0, 1] is clipped
+    assert (fitted.pixels, fitted.images) == (2, 3)
+    with pytest.raises(ValueError):  # one pixel count short: refused, not silently truncated
+        fit_calibration([0.2, 0.9], [0.5, 0.6], [1])
+
+
+def test_a_calibration_read_back_needs_its_format_and_defaults_its_counts():
+    data = {"format": "ovss-calibration/1", "knots": [0.1, 0.9], "accuracy": [0.2, 0.8]}
+    assert Calibration.from_json(data) == Calibration((0.1, 0.9), (0.2, 0.8), 0, 0)
+    for bad in ([data], "ovss-calibration/1", {**data, "format": "ovss-calibration/2"}):
+        with pytest.raises(ValueError, match=r"^not a calibration \(ovss-calibration/1\)$"):
+            Calibration.from_json(bad)
 
 
 def test_a_calibration_file_round_trips_and_a_bad_one_is_named(tmp_path):

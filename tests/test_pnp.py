@@ -86,6 +86,9 @@ def test_word_pieces_merge_into_class_maps(tokenizer):
     fixed = pnp.class_token_maps(last_two_pieces, rows)
     assert quirk[-1, 0, 0] == 10 + 11 and fixed[-1, 0, 0] == 10.5
     assert torch.equal(quirk[:-1], fixed[:-1])  # only the last class differs
+    # Tokens without [SEP] (not cut by the tokenizer): every row after the prefix is a class.
+    no_end = pnp.class_token_maps(tokens[:-1], maps[:-1])
+    torch.testing.assert_close(no_end, classes)
 
 
 def test_salience_dropout_bookkeeping_both_rules():
@@ -292,6 +295,37 @@ def test_background_and_decision_run_over_the_caption_classes_only():
     assert not scores[[0, 2, 4]].any() and scores[[1, 3]].max() == 1.0
 
 
+@pytest.mark.parametrize("always_background", [True, False])
+def test_three_caption_classes_get_background_only_when_always(always_background):
+    """The steps written out: threshold, bilinear (corners aligned) to the image, the background
+    channel (always, or with fewer than 3 caption classes), blur with the config's σ, argmax,
+    then caption order -> vocabulary index (int16, -1 background)."""
+    from ovss_label.backend.proposers import pnp
+    from ovss_label.backend.proposers.pnp_ovss import PnpConfig, decide_on_caption
+
+    maps, _, image = _two_of_five()
+    maps = torch.cat([maps, torch.zeros(1, 6, 9)])
+    maps[2, :3, 3:6] = 3.0  # a third class in the top of the middle band
+    caption = np.array([4, 1, 3])
+    config = PnpConfig(always_background=always_background, crf=False, blur_sigma=0.1)
+    argmax = lambda image, channels: channels.argmax(axis=0)  # noqa: E731
+    scores, assignment = decide_on_caption(maps, caption, 5, image, config, argmax)
+
+    full = torch.nn.functional.interpolate(
+        pnp.threshold_maps(maps, config.threshold)[None], size=(24, 36), mode="bilinear",
+        align_corners=True,
+    )[0].numpy()  # fmt: skip
+    if always_background:
+        full = np.concatenate([(full.max(axis=0) == 0)[None].astype(full.dtype), full])
+    channels = pnp.blur_maps(full, 0.1)
+    to_vocabulary = np.array([-1, 4, 1, 3] if always_background else [4, 1, 3])
+    np.testing.assert_array_equal(assignment, to_vocabulary[channels.argmax(axis=0)])
+    assert assignment.dtype == np.int16
+    assert (assignment == -1).any() == always_background
+    np.testing.assert_allclose(scores[[4, 1, 3]], channels[-3:], atol=1e-6)
+    assert not scores[[0, 2]].any()
+
+
 def test_the_crf_sees_the_background_and_caption_channels_only():
     pytest.importorskip("pydensecrf.densecrf")
     from ovss_label.backend.proposers import pnp
@@ -348,3 +382,20 @@ def test_real_defaults_stay_the_references_and_only_the_tiny_twin_gets_its_setti
     assert asdict(tiny) == {**REFERENCE_DEFAULTS, **TINY_PNP_SETTINGS}
     assert tiny.layer != REFERENCE_DEFAULTS["layer"]  # the twin's last layer has no gradient
     assert create_proposer("pnp_ovss", tiny=True, threshold=0.3).config.threshold == 0.3
+
+
+def test_blips_input_is_a_bicubic_square_normalised_with_clips_statistics():
+    """LAVIS's ``BlipImageEvalProcessor``: resize to (size, size) bicubic, ToTensor, Normalize
+    with mean (0.48145466, 0.4578275, 0.40821073) and std (0.26862954, 0.26130258, 0.27577711)."""
+    from PIL import Image
+
+    from ovss_label.backend.proposers.pnp_ovss import square_pixels
+
+    image = np.random.default_rng(4).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    square = np.asarray(Image.fromarray(image).resize((16, 16), Image.Resampling.BICUBIC))
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = np.array([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    expected = (square.transpose(2, 0, 1) / 255.0 - mean) / std
+    got = square_pixels(image, 16)
+    assert got.shape == (1, 3, 16, 16) and got.dtype == torch.float32
+    np.testing.assert_allclose(got[0].numpy(), expected, atol=1e-5)

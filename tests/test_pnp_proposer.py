@@ -8,6 +8,7 @@ and compared number for number. Written against mutmut's survivors in ``pnp_ovss
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -214,3 +215,41 @@ def test_presence_keeps_labels_by_threshold_then_top_k_and_always_the_best():
     assert presence.present(None, vocab, top_k=2, threshold=0.35).tolist() == [True, False, False]
     assert presence.present(None, vocab, top_k=2).tolist() == [True, True, False]
     assert presence.present(None, vocab, threshold=0.9).tolist() == [True, False, False]
+
+
+def test_the_references_last_class_sum_changes_a_class_map_but_no_output(monkeypatch, tokenizer):
+    """The quirk scales the last class's map by its piece count; the per-class min-max of the
+    threshold and of the blur undo a positive scale, so scores and labels are the same."""
+    caption, sizes = pnp.caption_words(tokenizer, ["cat", "T-shirt"])
+    assert sizes[-1] > 1  # the last class has several pieces: the quirk does change its map
+    tokens = [*tokenizer.tokenize(caption), "[SEP]"]
+    maps = torch.rand(len(tokens), GRID, GRID, generator=torch.Generator().manual_seed(1))
+    summed = pnp.class_token_maps(tokens, maps, True, sizes)
+    torch.testing.assert_close(summed[-1], pnp.class_token_maps(tokens, maps, False, sizes)[-1]
+                               * sizes[-1])  # fmt: skip
+    image = np.random.default_rng(1).integers(1, 256, (40, 70, 3), dtype=np.uint8)
+    proposals = []
+    for last_class_sum in (False, True):
+        proposer = create_proposer("pnp_ovss", tiny=True, image_size=64, crf=False, rounds=2,
+                                   last_class_sum=last_class_sum)  # fmt: skip
+        seen = {"inputs": [], "rounds": [], "tokenizer": proposer.blip.tokenizer}
+        monkeypatch.setattr(pnp_ovss, "itm_gradcam", _fake_gradcam(seen, head=proposer.config.head))
+        proposals.append(
+            proposer.score(proposer.encode(image), Vocabulary.from_labels("cat, T-shirt"))
+        )
+    np.testing.assert_allclose(proposals[0].scores, proposals[1].scores, atol=1e-6)
+    np.testing.assert_array_equal(proposals[0].assignment, proposals[1].assignment)
+
+
+def test_a_vocabulary_longer_than_blips_caption_is_refused_with_what_to_do(monkeypatch):
+    proposer = create_proposer("pnp_ovss", tiny=True, image_size=64, crf=False, rounds=1)
+    seen = {"inputs": [], "rounds": [], "tokenizer": proposer.blip.tokenizer}
+    monkeypatch.setattr(pnp_ovss, "itm_gradcam", _fake_gradcam(seen, head=proposer.config.head))
+    labels = [f"cat{k}" for k in range(300)]  # "cat", "##0" ...: 2-3 pieces each, > 500 in all
+    _, sizes = pnp.caption_words(proposer.blip.tokenizer, labels)
+    fits = np.searchsorted(np.cumsum(sizes), 500 - 2 - 3, side="right")  # [CLS] [SEP], prefix
+    image = np.full((32, 32, 3), 100, np.uint8)
+    message = (f"the caption holds {fits} of 300 labels (BLIP reads 500 tokens): caption fewer "
+               "with presence='clip' and presence_top_k")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        proposer.score(proposer.encode(image), Vocabulary.from_labels(", ".join(labels)))

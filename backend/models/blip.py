@@ -116,12 +116,17 @@ def _outside(kind: str, indices: Sequence[int], n: int) -> str:
     return f"{kind}{'s' if len(values) > 1 else ''} {listed}"
 
 
+CAPTION_TOKENS = 500
+"""A caption is cut after this many tokens, ``[CLS]`` and ``[SEP]`` included (the reference)."""
+
+
 def encode_caption(tokenizer: Any, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, T) input ids with the first token replaced by ``[ENC]`` (LAVIS), and the mask."""
     # As the reference (BlipITM.forward): longest padding, truncation at 500 tokens.
     batch = tokenizer(
-        [caption], return_tensors="pt", padding="longest", truncation=True, max_length=500
-    )
+        [caption], return_tensors="pt", padding="longest", truncation=True,
+        max_length=CAPTION_TOKENS,
+    )  # fmt: skip
     ids = batch["input_ids"].clone()
     ids[:, 0] = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
     return ids, batch["attention_mask"]

@@ -40,6 +40,7 @@ from PIL import Image
 from ovss_label.ontologies import Vocabulary, is_background
 
 from ..models.blip import (
+    CAPTION_TOKENS,
     TINY_PNP_SETTINGS,
     BlipTextEmbedder,
     check_layer_head,
@@ -83,7 +84,9 @@ class PnpConfig:
         blur_sigma: Blur σ as a fraction of the image's longer side (0.05).
         always_background: Add the background channel always (VOC/COCO-Object; the default for
             labelling projects) rather than only with fewer than 3 classes (stuff datasets).
-        last_class_sum: Reproduce the reference's last-class quirk (off: a bug).
+        last_class_sum: Reproduce the reference's last-class quirk (off: a bug). It scales
+            one class map by its piece count, which the per-class min-max of the threshold
+            and of the blur undo: scores and labels are the same either way (a test checks).
         crf: Use the dense CRF when ``pydensecrf2`` is installed.
         presence: ``"all"`` labels in the caption, or ``"clip"`` (module docstring).
         presence_top_k: With ``"clip"``: keep this many best labels (0: no limit).
@@ -153,7 +156,10 @@ class PnpOvssProposer(Proposer):
         merged = self._dropout_rounds(features.tensors["pixels"], ids, mask)
         classes = pnp.class_token_maps(tokens, merged, self.config.last_class_sum, sizes)
         if classes.shape[0] != len(names):
-            raise ValueError(f"caption gave {classes.shape[0]} words for {len(names)} classes")
+            raise ValueError(
+                f"the caption holds {classes.shape[0]} of {len(names)} labels (BLIP reads "
+                f"{CAPTION_TOKENS} tokens): caption fewer with presence='clip' and presence_top_k"
+            )
         scores, assignment = decide_on_caption(
             classes, np.flatnonzero(keep), len(keep), features.tensors["image"].numpy(),
             self.config, self._decide,
