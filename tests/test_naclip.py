@@ -359,3 +359,19 @@ def test_frames_resize_with_half_pixel_centres_and_cap_the_work_frame_at_2048():
     torch.testing.assert_close(frames.to_original(two), torch.tensor([[[0.0, 0.25, 0.75, 1.0]]]))
     assert Frames.for_image((10, 2048), 336).work == (10, 2048)  # at the cap: unchanged
     assert Frames.for_image((10, 2049), 336).work[1] == 2048  # over it: scaled down
+
+
+def test_window_features_are_unit_patch_tokens_on_the_windows_grid(proposer):
+    """Each window's features: NACLIP's tokens without CLS, unit length per patch, laid out on
+    that window's (rows, cols) patch grid; a non-square window (crop 0 on a wide image, VOC's
+    configs) keeps its own grid."""
+    c, patch = proposer.config, proposer.clip.patch_size
+    net = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(5))
+    boxes = [(0, 32, 0, 64), (0, 32, 0, 32), (0, 32, 32, 64)]
+    got = proposer._window_features(net, boxes)
+    for (y1, y2, x1, x2), feats in zip(boxes, got, strict=True):
+        tokens = naclip_tokens(proposer.clip.model.visual, net[None, :, y1:y2, x1:x2],
+                               c.gaussian_std, c.arch)[0, 1:]  # fmt: skip
+        unit = tokens / tokens.norm(dim=-1, keepdim=True)
+        expected = unit.reshape((y2 - y1) // patch, (x2 - x1) // patch, -1)
+        torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)

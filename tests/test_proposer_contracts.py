@@ -134,3 +134,40 @@ def test_a_class_without_pixels_does_not_end_the_others_and_order_is_by_score():
     assert [i.label for i in found] == ["b", "a"]
     with pytest.raises(ValueError, match=_exact("split must be 'components' or 'class', got 'x'")):
         proposal_to_instances(Proposal(("a", "b"), zero), PostprocessConfig(split="x"))
+
+
+def test_every_methods_identity_holds_its_revision_settings_weights_and_artifacts():
+    """What ``model_version`` is a digest of: a change of code revision, of any output-changing
+    setting, of a tuned file or a trained head is another model (the key names are part of
+    the digest: renaming one would re-version every published prediction)."""
+    from ovss_label.backend.models.identity import ArtifactId, WeightId, settings_of
+    from ovss_label.backend.proposers import aligned, clip_sam, naclip, pnp_ovss, refine
+    from ovss_label.backend.store import Tuned
+
+    clip, sam = WeightId("clip", "clip_vit_b16", "c1"), WeightId("sam", "sam_vit_b", "s1")
+    head = ArtifactId("head", "run-3", "d1")
+    tuned = Tuned("mine", {"threshold": 0.2}, "abc123")
+    cases = [
+        (naclip.naclip_identity(naclip.NaclipConfig(), clip), naclip, naclip.NaclipConfig(),
+         [clip], []),
+        (clip_sam.clip_sam_identity(clip_sam.ClipSamConfig(), clip, sam), clip_sam,
+         clip_sam.ClipSamConfig(), [clip, sam], []),
+        (aligned.fmbseg_identity(aligned.FmbsegConfig(), [clip], head), aligned,
+         aligned.FmbsegConfig(), [clip], [head]),
+        (pnp_ovss.pnp_identity(pnp_ovss.PnpConfig(), [clip], tuned), pnp_ovss,
+         pnp_ovss.PnpConfig(), [clip], [ArtifactId("tuned", "mine", "abc123")]),
+    ]  # fmt: skip
+    for identity, module, config, weights, artifacts in cases:
+        runtime = naclip.RUNTIME_FIELDS if module is naclip else ()
+        expected = {"revision": module.REVISION, **settings_of(config, runtime)}
+        assert json.loads(identity.settings) == expected, identity.method
+        assert list(identity.weights) == weights and list(identity.artifacts) == artifacts
+    assert pnp_ovss.pnp_identity(pnp_ovss.PnpConfig(), [clip], None).artifacts == ()
+    dense = cases[3][0]
+    refined = refine.refined_identity(dense, refine.RefineConfig(), sam)
+    assert json.loads(refined.settings) == {
+        "dense": json.loads(dense.settings),
+        "refine": {"revision": refine.REVISION, **settings_of(refine.RefineConfig())},
+    }
+    assert refined.method == "pnp_ovss+sam" and refined.artifacts == dense.artifacts
+    assert list(refined.weights) == [clip, sam]

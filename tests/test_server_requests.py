@@ -362,3 +362,72 @@ def test_a_second_prediction_of_an_image_reuses_its_features(clicks_server) -> N
         counts.append((engine.cache.misses, engine.cache.hits))
     (encoded, _), (again, reused) = counts
     assert encoded > 0 and again == encoded and reused == encoded  # every lookup a hit
+
+
+def test_a_click_prompt_reads_every_click_whatever_comes_before_it() -> None:
+    """Regions that are not prompts (a brush stroke) are skipped, not the end of the list; a
+    label may come under ``labels`` (a separate Labels control); a click without a label keeps
+    the one before; a box alone has no point labels; no result at all is an empty prompt."""
+    import numpy as np
+
+    from ovss_label.backend.server.interactive import click_prompt
+
+    stroke = {"type": "brushlabels", "value": {"rle": [1, 2], "brushlabels": ["Dog"]}}
+    context = {"result": [
+        stroke,
+        {"type": "keypointlabels", "value": {"x": 50, "y": 25, "labels": ["Cat"]}},
+        {"type": "keypointlabels", "value": {"x": 0, "y": 100}, "is_positive": False},
+    ]}  # fmt: skip
+    prompt = click_prompt(context, 40, 60)
+    np.testing.assert_allclose(prompt.points, [[30, 10], [0, 40]])
+    assert prompt.point_labels.tolist() == [1, 0] and prompt.label == "Cat"
+    box = {"type": "rectanglelabels", "value": {"x": 0, "y": 0, "width": 50, "height": 50}}
+    boxed = click_prompt({"result": [box]}, 40, 60)
+    assert boxed.points is None and boxed.point_labels is None and boxed.label is None
+    np.testing.assert_allclose(boxed.box, [0, 0, 30, 20])
+    empty = click_prompt({}, 40, 60)
+    assert (empty.points, empty.point_labels, empty.box, empty.label) == (None, None, None, None)
+
+
+@pytest.mark.parametrize("predicted_iou, score", [(1.3, 1.0), (-0.2, 0.0), (0.25, 0.25)])
+def test_a_clicks_score_is_sams_predicted_iou_clipped_to_0_1(
+    monkeypatch: pytest.MonkeyPatch, predicted_iou: float, score: float
+) -> None:
+    import numpy as np
+
+    from ovss_label.backend.predict import Output
+    from ovss_label.backend.server import interactive
+
+    mask = np.zeros((1, 20, 30), bool)
+    mask[0, 5:10, 5:20] = True
+    monkeypatch.setattr(interactive, "SamEncoder", lambda sam: SimpleNamespace())
+    cache = SimpleNamespace(features=lambda encoder, image: None)
+    monkeypatch.setattr(
+        interactive, "decode", lambda *a, **k: (mask, np.array([predicted_iou], np.float32))
+    )
+    click = {"type": "keypointlabels", "value": {"x": 50, "y": 50, "keypointlabels": ["Cat"]}}
+    results, got = interactive.interactive_prediction(
+        None, cache, np.zeros((20, 30, 3), np.uint8), {"result": [click]}, Output(), ("Cat",)
+    )
+    assert got == pytest.approx(score)
+    (region,) = results
+    assert region["score"] == pytest.approx(score) and region["value"]["brushlabels"] == ["Cat"]
+
+
+def test_a_second_click_on_an_image_reuses_the_decoders_image_work() -> None:
+    """One cache entry for SAM's image embedding, one for the decoder's image-only work
+    (``sam_decoder.py``); the second click adds neither."""
+    import numpy as np
+
+    from ovss_label.backend.models.sam import TINY_SAM_CFG, LoadedSam, _create_sam
+    from ovss_label.backend.predict import Output
+    from ovss_label.backend.proposers import FeatureCache
+    from ovss_label.backend.server.interactive import interactive_prediction
+
+    sam = LoadedSam(_create_sam(TINY_SAM_CFG), "sam_tiny", True)
+    cache, image = FeatureCache(), np.full((40, 60, 3), 90, np.uint8)
+    click = {"type": "keypointlabels", "value": {"x": 50, "y": 50, "keypointlabels": ["Cat"]}}
+    for x in (50, 20):
+        click["value"]["x"] = x
+        interactive_prediction(sam, cache, image, {"result": [click]}, Output(), ("Cat",))
+        assert len(cache) == 2
