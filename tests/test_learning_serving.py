@@ -250,6 +250,29 @@ def test_a_failed_task_of_a_trained_project_carries_its_version(served, tiny_hea
     assert prediction == {"result": [], "score": 0.0, "model_version": version.model_version}
 
 
+def test_a_click_that_fails_or_an_odd_task_answers_empty_in_the_projects_version(served, tiny_head):
+    """A click SAM cannot read (a non-number coordinate) or a task that is not an object:
+    the editor gets an empty answer in the project's trained version, never a 500."""
+    client, _, data = served
+    version = _promote(data, 5, tiny_head)
+    config = CONFIG.replace(
+        "</View>",
+        '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Cat"/>'
+        "</KeyPointLabels></View>",
+    )
+    odd = {"type": "keypointlabels", "value": {"x": "left", "y": 50, "keypointlabels": ["Cat"]},
+           "from_name": "kp", "to_name": "image", "original_width": 60,
+           "original_height": 40}  # fmt: skip
+    good = {**odd, "value": {**odd["value"], "x": 50}}
+    task = {"id": 1, "data": {"image": "/data/local-files/?d=photos/a.png"}}
+    empty = {"result": [], "score": 0.0, "model_version": version.model_version}
+    for tasks, click in (([task], odd), ([7], good)):
+        body = {"tasks": tasks, "label_config": config, "project": "5.1763719200",
+                "params": {"context": {"result": [click]}}}  # fmt: skip
+        answer = client.post("/predict", json=body)
+        assert answer.status_code == 200 and answer.json()["results"] == [empty]
+
+
 def test_a_live_request_with_a_refused_config_answers_empty_in_the_projects_version(
     served, tiny_head, caplog
 ):

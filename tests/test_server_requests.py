@@ -431,3 +431,18 @@ def test_a_second_click_on_an_image_reuses_the_decoders_image_work() -> None:
         click["value"]["x"] = x
         interactive_prediction(sam, cache, image, {"result": [click]}, Output(), ("Cat",))
         assert len(cache) == 2
+
+
+def test_a_tasks_failure_is_told_by_its_type_and_redacted_message() -> None:
+    """The one rule for the server, ``predict --project`` and Ray: the exception's type and
+    its message without credentials; media decides if it may pass, other value errors are
+    the input's (permanent), anything else the server's (transient)."""
+    from ovss_label.backend.server.engine import task_failure
+    from ovss_label.backend.server.media import MediaError
+
+    url = "http://media.test/a.png?X-Amz-Signature=topsecret"
+    reason, transient = task_failure(MediaError(f"HTTP 503 for {url}", transient=True))
+    assert reason.startswith("MediaError: HTTP 503 for http://media.test/a.png")
+    assert "topsecret" not in reason and transient
+    assert task_failure(ValueError("too elongated")) == ("ValueError: too elongated", False)
+    assert task_failure(MemoryError("out of memory")) == ("MemoryError: out of memory", True)
