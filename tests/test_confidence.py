@@ -261,3 +261,18 @@ def test_uncertainty_sampling_sets_the_projects_sampling_and_version_and_needs_a
                       "model_version": "fmbseg·dL14·head·3f9c2a"}]  # fmt: skip
     files = CliRunner().invoke(cli, ["predict", "x.png", "-o", "t.json", "--uncertainty-sampling"])
     assert files.exit_code == 2 and "--uncertainty-sampling is for --project" in files.output
+
+
+def test_a_sam_refined_method_scores_through_its_dense_methods_zero_shot_map(server):  # noqa: F811
+    """``naclip+sam``'s score is NACLIP's confidence, so it takes the map measured on NACLIP
+    (saved under ``naclip`` with NACLIP's model version); a trained head never does."""
+    from ovss_label.backend.proposers.refine import SamRefined
+
+    _, engine = server
+    _zero_shot_map(engine.settings.data_dir, 3, engine.model_version("naclip"))
+    refined = engine.proposer("naclip+sam", None)
+    assert isinstance(refined, SamRefined)
+    expected = engine.calibration(engine.proposer("naclip", None), 3, None)
+    assert expected is not None and engine.calibration(refined, 3, None) == expected
+    assert engine.calibration(refined, 4, None) is None  # another project: none measured
+    assert engine.calibration(refined, 3, "head-of-a-version") is None  # its own, none here

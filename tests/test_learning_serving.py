@@ -292,7 +292,10 @@ def test_a_live_request_with_a_refused_config_answers_empty_in_the_projects_vers
     refused = [
         m for m in caplog.messages if m.startswith("labeling config refused for 2 task(s): ")
     ]
-    assert len(refused) == 2 and len(refused[0]) > len("labeling config refused for 2 task(s): ")
+    assert len(refused) == 2
+    assert refused[0].startswith(
+        "labeling config refused for 2 task(s): cannot parse the labeling config: "
+    ) and refused[0].endswith("; pass valid Label Studio XML")
 
 
 def test_the_bodys_project_wins_over_the_tasks_field(served, tiny_head):

@@ -217,11 +217,13 @@ def test_predict_project_posts_new_skips_done_retries_transient_and_empties_brok
                     MediaFetcher(policy, busy))  # fmt: skip
     version = engine.model_version("naclip")
     urls = {1: "/data/local-files/?d=a.png", 2: "/data/local-files/?d=a.png",
-            3: "/data/local-files/?d=broken.jpg", 4: "http://media.test/busy.png"}  # fmt: skip
+            3: "/data/local-files/?d=broken.jpg", 4: "http://media.test/busy.png",
+            5: "/data/local-files/?d=a.png", 6: "http://media.test/busy2.png"}  # fmt: skip
     tasks = [LseTask.model_construct(id=i, data={"image": u}) for i, u in urls.items()]
     calls: dict[str, list[Any]] = {"get": [], "list": [], "tasks": [], "create": [], "with": []}
     earlier = [SimpleNamespace(task=1, model_version=version), SimpleNamespace(task=2),
-               SimpleNamespace(task=3, model_version="naclip·older")]  # fmt: skip
+               SimpleNamespace(task=3, model_version="naclip·older"),
+               SimpleNamespace(task=5, model_version=version)]  # fmt: skip
     fake = SimpleNamespace(
         projects=SimpleNamespace(get=lambda id: calls["get"].append(id)
                                  or SimpleNamespace(label_config=BRUSH_CLICKS)),
@@ -240,14 +242,14 @@ def test_predict_project_posts_new_skips_done_retries_transient_and_empties_brok
     progress = Recording()
     report = predict_project(engine, fake, 3, progress=progress)
     assert calls["get"] == calls["list"] == [3] and calls["tasks"] == [(3, "all")]
-    assert calls["with"] == [3, 3, 3]
+    assert calls["with"] == [3, 3, 3, 3]
     assert [p["task"] for p in calls["create"]] == [2, 3]
     good, broken = calls["create"]
     assert good["result"] and good["model_version"] == broken["model_version"] == version
     assert 0 < good["score"] <= 1 and broken["result"] == [] and broken["score"] == 0.0
     assert (report.job, report.model_version) == ("predict --project 3", version)
-    assert (report.done, report.skipped, report.retry, report.counts) == (2, 1, 1, {"empty": 1})
-    assert progress.seen == [("total", 4)] + [("advance", f"task {i}") for i in urls]
+    assert (report.done, report.skipped, report.retry, report.counts) == (2, 2, 2, {"empty": 1})
+    assert progress.seen == [("total", 6)] + [("advance", f"task {i}") for i in urls]
 
 
 class Recording:
@@ -446,3 +448,35 @@ def test_a_tasks_failure_is_told_by_its_type_and_redacted_message() -> None:
     assert "topsecret" not in reason and transient
     assert task_failure(ValueError("too elongated")) == ("ValueError: too elongated", False)
     assert task_failure(MemoryError("out of memory")) == ("MemoryError: out of memory", True)
+
+
+def test_a_polygon_prediction_drops_parts_below_min_area_and_rounds_its_score(
+    clicks_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SAM-refined instances can keep a speck after overlaps are resolved: the polygon
+    answer leaves parts below ``min_area`` out (as ``predict`` does); the score has 4 decimals
+    and the feature cache is the engine's (a text query or click on the image reuses it)."""
+    import numpy as np
+
+    from ovss_label.backend.proposers import Proposal
+    from ovss_label.backend.server import engine as engine_module
+    from ovss_label.converters import Instance
+
+    _, engine, _ = clicks_server
+    seen = []
+
+    def propose(proposer, image, vocabulary, cache):  # type: ignore[no-untyped-def]
+        seen.append(cache)
+        mask = np.zeros(image.shape[:2], bool)
+        mask[5:25, 5:35], mask[35, 55] = True, True  # a 20 x 30 part and a 1-pixel speck
+        scores = np.full((len(vocabulary.names), *mask.shape), 0.123456, np.float32)
+        return Proposal(tuple(vocabulary.names), scores, instances=[Instance(mask, "Cat", 0.9)])
+
+    monkeypatch.setattr(engine_module, "propose", propose)
+    project, head = engine.served(POLYGON_CLICKS, None)
+    task = {"id": 9, "data": {"image": "/data/local-files/?d=a.png"}}
+    prediction = engine.predict_task(task, project, head=head)
+    assert prediction is not None and seen == [engine.cache]
+    (region,) = prediction["result"]  # the speck (1 of 2,400 pixels < 0.001) is left out
+    assert region["type"] == "polygonlabels" and len(region["value"]["points"]) >= 4
+    assert prediction["score"] == 0.1235
