@@ -190,6 +190,10 @@ def test_head_proposers_are_bounded_and_zero_shot_ones_kept():
         cache.get(("fmbseg", head), lambda h=head: build(("fmbseg", h)))
     assert cache.peek(("fmbseg", "a")) is None  # least recently used: evicted
     assert cache.peek(("fmbseg", "c")) is not None and cache.peek(("naclip", None)) is zero
+    assert cache.peek(("fmbseg", "b")) is not None  # exactly max_heads are kept
+    # An evicted head's build lock goes with it: a long-running server that has served many
+    # versions holds locks for the proposers it keeps only.
+    assert set(cache._building) == {("naclip", None), ("fmbseg", "b"), ("fmbseg", "c")}
     cache.get(("fmbseg", "a"), lambda: build(("fmbseg", "a")))  # rebuilt on next use
     assert built.count(("fmbseg", "a")) == 2 and cache.peek(("fmbseg", "b")) is None
 

@@ -480,3 +480,35 @@ def test_a_polygon_prediction_drops_parts_below_min_area_and_rounds_its_score(
     (region,) = prediction["result"]  # the speck (1 of 2,400 pixels < 0.001) is left out
     assert region["type"] == "polygonlabels" and len(region["value"]["points"]) >= 4
     assert prediction["score"] == 0.1235
+
+
+def test_each_kind_of_work_runs_on_its_own_pool(clicks_server) -> None:
+    """Reading the config and choosing the model run on the control pool (never behind a
+    busy task pool), a text query and the tasks on the task pool; a text query gets the head
+    the project is served with."""
+    import threading
+
+    client, engine, _ = clicks_server
+    seen: list[tuple[str, str]] = []
+
+    def spy(name: str) -> None:
+        real = getattr(engine, name)
+
+        def record(*args: Any) -> Any:
+            seen.append((name, threading.current_thread().name.split("_")[0]))
+            if name == "_text_query":
+                seen.append(("head", str(args[2])))
+            return real(*args)
+
+        setattr(engine, name, record)
+
+    for name in ("served", "choice", "_text_query", "_entry"):
+        spy(name)
+    config = BRUSH_CLICKS.replace("</View>", '<TextArea name="q" toName="image"/></View>')
+    assert _ask(client, config, [{"type": "textarea", "value": {"text": ["cat"]}}])["result"]
+    assert _ask(client, "<View>", [{"type": "textarea", "value": {"text": ["cat"]}}])
+    assert seen == [
+        ("served", "ovss-control"), ("choice", "ovss-control"),  # served asks choice
+        ("_text_query", "ovss-task"), ("head", "None"), ("_entry", "ovss-task"),
+        ("served", "ovss-control"), ("choice", "ovss-control"),  # refused: the model's version
+    ]  # fmt: skip
