@@ -276,3 +276,5 @@ def test_a_sam_refined_method_scores_through_its_dense_methods_zero_shot_map(ser
     assert expected is not None and engine.calibration(refined, 3, None) == expected
     assert engine.calibration(refined, 4, None) is None  # another project: none measured
     assert engine.calibration(refined, 3, "head-of-a-version") is None  # its own, none here
+    # Without a version (the Ray driver, before any proposer is built): the planned one.
+    assert engine.zero_shot_calibration(3, None, "naclip+sam") == expected
