@@ -164,7 +164,8 @@ def test_versions_lists_each_projects_versions(served, tiny_head):
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("5.1700000000", 5), (5, 5), ("5", 5), ("abc", None), ("", None), (None, None),
-     (True, None), (-1, None), ("-1.5", None), ("５.1", None), ({"id": 5}, None)],
+     (True, None), (-1, None), ("-1.5", None), ("５.1", None), ({"id": 5}, None),
+     (0, 0), ("0.1700000000", 0)],  # 0 read alike from an int and a string
 )  # fmt: skip
 def test_project_ids_as_label_studio_sends_them(value, expected):
     assert project_id(value) == expected

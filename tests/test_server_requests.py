@@ -512,3 +512,98 @@ def test_each_kind_of_work_runs_on_its_own_pool(clicks_server) -> None:
         ("_text_query", "ovss-task"), ("head", "None"), ("_entry", "ovss-task"),
         ("served", "ovss-control"), ("choice", "ovss-control"),  # refused: the model's version
     ]  # fmt: skip
+
+
+def test_a_tasks_own_id_presigns_its_cloud_image_and_a_task_must_be_an_object(
+    tmp_path: Path,
+) -> None:
+    """Only an integer task id reaches Label Studio's presign route (a string id is no id:
+    the task fails with the reason); a task or data that is not an object is refused."""
+    import base64
+
+    import httpx
+
+    from ovss_label.backend.server import Engine
+    from ovss_label.backend.server.media import MediaError
+
+    seen = []
+
+    def label_studio(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.url.params.get("fileuri")))
+        return httpx.Response(404)
+
+    policy = MediaPolicy(ls_url="http://ls.test", ls_token="secret-token")
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data", media=policy),
+                    MediaFetcher(policy, httpx.MockTransport(label_studio)))  # fmt: skip
+    project, _ = engine.served(BRUSH_CLICKS, None)
+    cloud = {"image": "s3://bucket/a.png"}
+    with pytest.raises(MediaError):
+        engine._image({"id": 42, "data": cloud}, project)
+    encoded = base64.urlsafe_b64encode(b"s3://bucket/a.png").decode()
+    assert seen == [("/tasks/42/presign/", encoded)]
+    with pytest.raises(
+        MediaError, match=r"^a cloud-storage URL needs the task id to be presigned$"
+    ):
+        engine._image({"id": "42", "data": cloud}, project)
+    for task in ("x", {"id": 1, "data": "s3://bucket/a.png"}, {"id": 1}):
+        with pytest.raises(MediaError, match=r"^the task is not an object with a data object$"):
+            engine._image(task, project)
+    assert len(seen) == 1
+    engine.close()
+
+
+def test_unreadable_versions_serve_zero_shot_and_say_why(caplog: pytest.LogCaptureFixture) -> None:
+    import sqlite3
+
+    from ovss_label.backend.server.choice import Chooser
+
+    def locked() -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    caplog.set_level("WARNING")
+    assert Chooser(locked)(5, "naclip") == ("naclip", None)
+    assert caplog.messages == [
+        "project 5: versions unreadable, serving zero-shot: database is locked"
+    ]
+
+
+def test_a_proposer_being_built_holds_up_its_own_key_only() -> None:
+    """Loading one trained version (seconds to minutes) must not stall requests for another."""
+    import threading
+
+    from ovss_label.backend.server.choice import ProposerCache
+
+    cache, started, release = ProposerCache(), threading.Event(), threading.Event()
+
+    def slow() -> object:
+        started.set()
+        release.wait(10)
+        return "slow"
+
+    builder = threading.Thread(target=lambda: cache.get(("fmbseg", "a"), slow))
+    builder.start()
+    assert started.wait(10)
+    other: list[object] = []
+    quick = threading.Thread(target=lambda: other.append(cache.get(("fmbseg", "b"), object)))
+    quick.start()
+    quick.join(2)
+    waited = quick.is_alive()
+    release.set()
+    builder.join(10)
+    quick.join(10)
+    assert not waited and len(other) == 1
+
+
+def test_the_engines_proposers_share_its_feature_cache_and_name_what_failed(
+    tmp_path: Path,
+) -> None:
+    """A ``+sam`` method's SAM features are the ones clicks use (one cache); a method that
+    cannot be built is named in the error."""
+    from ovss_label.backend.server import Engine
+    from ovss_label.backend.server.engine import ModelUnavailableError
+
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path / "data"))
+    assert engine.proposer("naclip+sam").cache is engine.cache
+    with pytest.raises(ModelUnavailableError, match=r"^naclip_nope cannot be loaded: "):
+        engine.proposer("naclip_nope")
+    engine.close()
