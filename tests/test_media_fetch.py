@@ -395,3 +395,20 @@ def test_local_files_outside_the_root_or_missing_say_which(
     with pytest.raises(MediaError) as refused:
         MediaFetcher(MediaPolicy(local_root=root)).image(url)
     assert str(refused.value) == message
+
+
+def test_the_pinned_transport_keeps_httpxs_pool_settings() -> None:
+    """The pool swapped in for ``PinnedBackend`` has httpx's own limits (or the ones given)."""
+    import httpx
+
+    from ovss_label.backend.server.netguard import AddressGuard, PinnedBackend, pinned_transport
+
+    def settings(pool: Any) -> tuple[Any, ...]:
+        return (pool._max_connections, pool._max_keepalive_connections, pool._keepalive_expiry)
+
+    guard = AddressGuard()
+    default = pinned_transport(guard)
+    assert settings(default._pool) == settings(httpx.HTTPTransport()._pool) == (100, 20, 5.0)
+    assert isinstance(default._pool._network_backend, PinnedBackend)
+    limits = httpx.Limits(max_connections=7, max_keepalive_connections=3, keepalive_expiry=2.0)
+    assert settings(pinned_transport(guard, limits=limits)._pool) == (7, 3, 2.0)

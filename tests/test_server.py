@@ -380,3 +380,34 @@ def test_unusable_label_configs_store_nothing(server, config):
     response = client.post("/predict", json=body)
     assert response.status_code == 200 and response.json()["results"] == [[]]
     assert client.post("/setup", json={"schema": config}).status_code == 200
+
+
+def test_basic_auth_refuses_malformed_credentials_and_keeps_colons_in_passwords(tmp_path):
+    """A header that does not decode (bad base64, not UTF-8, no colon) is refused, never let
+    through; the password is everything after the first colon (RFC 7617); a user set without a
+    password accepts only the empty one."""
+    import base64
+
+    def basic(raw: bytes) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+    settings = ServerSettings(tiny=True, data_dir=tmp_path, basic_user="ls", basic_password="p:w")
+    client = TestClient(create_app(Engine(settings)))
+    for headers in ({"Authorization": "Basic !!not-base64!!"}, basic(b"\xff\xfe:\xff"),
+                    basic(b"ls"), basic(b"ls:p"), basic(b"ls:p:w:")):  # fmt: skip
+        assert client.get("/health", headers=headers).status_code == 401, headers
+    assert client.get("/health", headers=basic(b"ls:p:w")).status_code == 200
+    no_password = ServerSettings(tiny=True, data_dir=tmp_path / "b", basic_user="ls")
+    client = TestClient(create_app(Engine(no_password)))
+    assert client.get("/health", headers=basic(b"ls:XXXX")).status_code == 401
+    assert client.get("/health", headers=basic(b"ls:")).status_code == 200
+
+
+def test_a_method_without_a_version_is_logged_with_the_reason(tmp_path, caplog):
+    engine = Engine(ServerSettings(tiny=True, data_dir=tmp_path))
+    caplog.set_level("WARNING")
+    assert engine.model_version("naclip_nope") == "naclip_nope·unavailable"
+    assert caplog.messages == [
+        "naclip_nope: no model version: unknown method 'naclip_nope'; available: clip_sam, "
+        "fmbseg, fmbseg+sam, naclip, naclip+sam, pnp_ovss, pnp_ovss+sam"
+    ]
