@@ -412,3 +412,28 @@ def test_the_pinned_transport_keeps_httpxs_pool_settings() -> None:
     assert isinstance(default._pool._network_backend, PinnedBackend)
     limits = httpx.Limits(max_connections=7, max_keepalive_connections=3, keepalive_expiry=2.0)
     assert settings(pinned_transport(guard, limits=limits)._pool) == (7, 3, 2.0)
+
+
+def test_the_media_client_is_built_from_the_policy_and_ignores_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its timeouts are the policy's; it follows no redirect itself (``download`` checks every
+    hop); proxies from the environment are never used (they would skip the address checks);
+    Label Studio's own host and port are the one private address it may reach."""
+    import httpx
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    policy = MediaPolicy(ls_url="http://LS.internal:8080/studio/", read_timeout=7.0,
+                         connect_timeout=3.0)  # fmt: skip
+    fetcher = MediaFetcher(policy)
+    client = fetcher.client
+    assert client.timeout == httpx.Timeout(7.0, connect=3.0)
+    assert client.follow_redirects is False and client.trust_env is False
+    assert not client._mounts  # no proxy transport mounted from the environment
+    guard = client._transport._pool._network_backend.guard
+    assert guard.trusted == ("ls.internal", 8080)
+    assert (fetcher.ls_origin, fetcher.ls_prefix) == (("http", "ls.internal", 8080), "/studio")
+    plain = MediaFetcher(MediaPolicy())
+    assert plain.client._transport._pool._network_backend.guard.trusted is None
+    assert (plain.ls_origin, plain.ls_prefix) == (None, "")

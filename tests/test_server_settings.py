@@ -160,3 +160,20 @@ def test_serve_learn_refuses_without_label_studio_url_and_key(
 
     with pytest.raises(ValueError, match="--learn needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"):
         learning_loop(_learning_settings(tmp_path, **media))
+
+
+def test_the_engine_sizes_its_caches_and_pools_from_the_settings(tmp_path) -> None:
+    """Megabytes in the settings are MiB in the caches; ``workers`` task threads, two for the
+    control work, one for clicks and one for webhook events (named, to read in a dump)."""
+    from ovss_label.backend.server import Engine, ServerSettings
+
+    settings = ServerSettings(tiny=True, data_dir=tmp_path, cache_mb=3, config_cache_mb=5,
+                              workers=3, device="cpu")  # fmt: skip
+    engine = Engine(settings)
+    assert engine.cache.max_bytes == 3 << 20 and engine.projects.parsed.max_bytes == 5 << 20
+    assert engine.pool.device == "cpu"
+    pools = [engine.tasks, engine.control, engine.clicks, engine.webhooks]
+    assert [p._max_workers for p in pools] == [3, 2, 1, 1]
+    assert [p._thread_name_prefix for p in pools] == [
+        "ovss-task", "ovss-control", "ovss-click", "ovss-events"]  # fmt: skip
+    engine.close()
