@@ -392,15 +392,19 @@ def test_basic_auth_refuses_malformed_credentials_and_keeps_colons_in_passwords(
         return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
 
     settings = ServerSettings(tiny=True, data_dir=tmp_path, basic_user="ls", basic_password="p:w")
-    client = TestClient(create_app(Engine(settings)))
+    engine = Engine(settings)
+    client = TestClient(create_app(engine))
     for headers in ({"Authorization": "Basic !!not-base64!!"}, basic(b"\xff\xfe:\xff"),
                     basic(b"ls"), basic(b"ls:p"), basic(b"ls:p:w:")):  # fmt: skip
         assert client.get("/health", headers=headers).status_code == 401, headers
     assert client.get("/health", headers=basic(b"ls:p:w")).status_code == 200
     no_password = ServerSettings(tiny=True, data_dir=tmp_path / "b", basic_user="ls")
-    client = TestClient(create_app(Engine(no_password)))
+    other = Engine(no_password)
+    client = TestClient(create_app(other))
     assert client.get("/health", headers=basic(b"ls:XXXX")).status_code == 401
     assert client.get("/health", headers=basic(b"ls:")).status_code == 200
+    engine.close()
+    other.close()
 
 
 def test_a_method_without_a_version_is_logged_with_the_reason(tmp_path, caplog):
@@ -411,3 +415,4 @@ def test_a_method_without_a_version_is_logged_with_the_reason(tmp_path, caplog):
         "naclip_nope: no model version: unknown method 'naclip_nope'; available: clip_sam, "
         "fmbseg, fmbseg+sam, naclip, naclip+sam, pnp_ovss, pnp_ovss+sam"
     ]
+    engine.close()

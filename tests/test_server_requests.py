@@ -484,8 +484,7 @@ def test_a_polygon_prediction_drops_parts_below_min_area_and_rounds_its_score(
 
 def test_each_kind_of_work_runs_on_its_own_pool(clicks_server) -> None:
     """Reading the config and choosing the model run on the control pool (never behind a
-    busy task pool), a text query and the tasks on the task pool; a text query gets the head
-    the project is served with."""
+    busy task pool), a text query and the tasks on the task pool."""
     import threading
 
     client, engine, _ = clicks_server
@@ -496,8 +495,6 @@ def test_each_kind_of_work_runs_on_its_own_pool(clicks_server) -> None:
 
         def record(*args: Any) -> Any:
             seen.append((name, threading.current_thread().name.split("_")[0]))
-            if name == "_text_query":
-                seen.append(("head", str(args[2])))
             return real(*args)
 
         setattr(engine, name, record)
@@ -509,7 +506,7 @@ def test_each_kind_of_work_runs_on_its_own_pool(clicks_server) -> None:
     assert _ask(client, "<View>", [{"type": "textarea", "value": {"text": ["cat"]}}])
     assert seen == [
         ("served", "ovss-control"), ("choice", "ovss-control"),  # served asks choice
-        ("_text_query", "ovss-task"), ("head", "None"), ("_entry", "ovss-task"),
+        ("_text_query", "ovss-task"), ("_entry", "ovss-task"),
         ("served", "ovss-control"), ("choice", "ovss-control"),  # refused: the model's version
     ]  # fmt: skip
 
