@@ -66,6 +66,27 @@ def test_a_failed_token_refresh_is_transient_and_does_not_show_the_token() -> No
     assert failed.value.transient is True
 
 
+def test_httpx_does_not_log_the_urls_it_fetches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx logs each request's URL at INFO; a presigned URL's query holds credentials, so
+    the media client keeps httpx's logger at WARNING, whatever the root logger's level."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("httpx"), "level", logging.NOTSET)
+    MediaFetcher(MediaPolicy())
+    assert logging.getLogger("httpx").level == logging.WARNING
+
+
+def test_an_allowed_network_may_be_written_with_host_bits_set() -> None:
+    """``10.1.2.3/24`` means the network 10.1.2.0/24, as in firewall rules (not an error)."""
+    import ipaddress
+
+    from ovss_label.backend.server.netguard import AddressGuard
+
+    guard = AddressGuard(allowed_networks=[" 10.1.2.3/24 ", ""])
+    assert guard.allowed(ipaddress.ip_address("10.1.2.200"))
+    assert not guard.allowed(ipaddress.ip_address("10.1.3.1"))
+
+
 def test_an_ipv4_mapped_ipv6_address_is_judged_as_its_ipv4_address() -> None:
     import ipaddress
 
@@ -150,6 +171,12 @@ def test_task_urls_that_cannot_be_fetched_say_why() -> None:
     assert str(schemeless.value).startswith("unsupported URL '//evil.test/data/upload/3/a.png'")
     slashed = MediaFetcher(MediaPolicy(ls_url="http://ls.test/"))
     assert slashed._absolute("/data/upload/3/a.png", 1) == "http://ls.test/data/upload/3/a.png"
+    # Label Studio under a path prefix: the prefix is kept whole, whatever its last letter
+    prefixed = MediaFetcher(MediaPolicy(ls_url="http://ls.test/labelX/"))
+    assert prefixed._absolute("/data/upload/3/a.png", 1) == (
+        "http://ls.test/labelX/data/upload/3/a.png"
+    )
+    assert prefixed.ls_prefix == "/labelX"
 
 
 @pytest.mark.parametrize(
@@ -307,6 +334,16 @@ def test_a_pinned_connection_tries_each_checked_address_in_turn(
         monkeypatch.setattr(guard, "resolve", lambda host, port: [])
         with pytest.raises(httpcore.ConnectError, match=r"^no address for media\.test$"):
             PinnedBackend(guard).connect_tcp("media.test", port, timeout=2.5)
+        # a timeout ends the attempt at once (no next address) and says what timed out
+        monkeypatch.setattr(guard, "resolve", lambda host, port: entries[1:] * 2)
+
+        def slow(self: socket.socket, address: object) -> None:
+            raise TimeoutError(f"connecting to {address} timed out")
+
+        monkeypatch.setattr(Recorded, "connect", slow)
+        with pytest.raises(httpcore.ConnectTimeout) as late:
+            PinnedBackend(guard).connect_tcp("media.test", port, timeout=2.5)
+        assert str(late.value) == f"connecting to ('127.0.0.2', {port}) timed out"
     finally:
         server.close()
 
@@ -412,6 +449,24 @@ def test_the_pinned_transport_keeps_httpxs_pool_settings() -> None:
     assert isinstance(default._pool._network_backend, PinnedBackend)
     limits = httpx.Limits(max_connections=7, max_keepalive_connections=3, keepalive_expiry=2.0)
     assert settings(pinned_transport(guard, limits=limits)._pool) == (7, 3, 2.0)
+
+
+def test_the_pinned_transport_verifies_tls_with_certifis_store_whatever_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like proxies, CA settings from the environment (``SSL_CERT_FILE``) do not change how
+    media is fetched: certificates and host names are checked against certifi's store."""
+    import ssl
+
+    import certifi
+
+    from ovss_label.backend.server.netguard import AddressGuard, pinned_transport
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "no-such-ca.pem"))
+    context = pinned_transport(AddressGuard())._pool._ssl_context
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    certifis = ssl.create_default_context(cafile=certifi.where())
+    assert context.cert_store_stats() == certifis.cert_store_stats()
 
 
 def test_the_media_client_is_built_from_the_policy_and_ignores_the_environment(

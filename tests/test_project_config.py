@@ -129,8 +129,21 @@ def test_one_parse_per_config(parses):
 def test_the_server_refuses_an_empty_request_config():
     from ovss_label.backend.server.projects import parse_project
 
-    with pytest.raises(ValueError, match="the request has no label_config"):
-        parse_project(" ", "naclip")
+    for missing in (" ", "", None, 5):
+        with pytest.raises(ValueError) as refused:
+            parse_project(missing, "naclip")
+        assert str(refused.value) == "the request has no label_config"
+
+
+def test_a_parsed_config_is_weighed_by_its_text_and_vocabulary():
+    """The config cache is bounded in bytes: an entry weighs its config text and each label and
+    synonym with 64 bytes for the string object; a refusal weighs its text."""
+    from ovss_label.backend.server.projects import _cost, parse_project
+
+    project = parse_project(BOTH, "naclip")
+    strings = [*project.vocabulary.names, *(s for g in project.vocabulary.synonyms for s in g)]
+    assert _cost(BOTH, project) == len(BOTH) + sum(len(s) + 64 for s in strings)
+    assert _cost(BOTH, ValueError("refused")) == len(BOTH)
 
 
 def test_export_parses_the_config_once(parses, tmp_path):

@@ -604,3 +604,49 @@ def test_the_engines_proposers_share_its_feature_cache_and_name_what_failed(
     with pytest.raises(ModelUnavailableError, match=r"^naclip_nope cannot be loaded: "):
         engine.proposer("naclip_nope")
     engine.close()
+
+
+def test_a_text_query_is_labelled_by_the_served_versions_text_embedder(
+    clicks_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trained version (a head) may carry another text tower than the zero-shot method: the
+    label a text query's masks get is chosen by the embedder of the version that serves it."""
+    import torch
+
+    from ovss_label.ontologies import Vocabulary
+
+    client, engine, _ = clicks_server
+
+    class Toward:  # an encoder for which every query is nearest the label at ``idx``
+        def __init__(self, idx: int) -> None:
+            self.idx = idx
+
+        def query_features(self, vocabulary: Vocabulary) -> tuple[torch.Tensor, list[int]]:
+            if vocabulary.names == ("q",):  # the query, as label_for_text embeds it
+                return torch.eye(2)[self.idx][None], [0]
+            return torch.eye(2), [0, 1]  # the labels Cat, Dog
+
+    asked = []
+
+    def proposer(method: str, head: str | None = None) -> Any:
+        asked.append((method, head))
+        return SimpleNamespace(text_embedder=lambda: Toward(0 if head is None else 1))
+
+    monkeypatch.setattr(engine, "proposer", proposer)
+    project = engine.projects.get(BRUSH_CLICKS)
+    assert engine._text_query(project, "kitty")[1] == "Cat"
+    assert engine._text_query(project, "kitty", "run-7")[1] == "Dog"
+    assert asked == [("naclip", None), ("naclip", "run-7")]
+
+    # predict hands the head it serves to the text query
+    heads = []
+
+    def text_query(project: Any, text: str, head: str | None = None) -> Any:
+        heads.append((text, head))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(engine, "served", lambda config, pid: (project, "run-7"))
+    monkeypatch.setattr(engine, "_text_query", text_query)
+    config = BRUSH_CLICKS.replace("</View>", '<TextArea name="q" toName="image"/></View>')
+    _ask(client, config, [{"type": "textarea", "value": {"text": ["kitty"]}}])
+    assert heads == [("kitty", "run-7")]

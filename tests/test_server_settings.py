@@ -171,6 +171,7 @@ def test_the_engine_sizes_its_caches_and_pools_from_the_settings(tmp_path) -> No
                               workers=3, device="cpu")  # fmt: skip
     engine = Engine(settings)
     assert engine.cache.max_bytes == 3 << 20 and engine.projects.parsed.max_bytes == 5 << 20
+    assert engine.media.decoded.max_bytes == engine.settings.media.decoded_cache_mb << 20
     assert engine.pool.device == "cpu"
     pools = [engine.tasks, engine.control, engine.clicks, engine.webhooks]
     assert [p._max_workers for p in pools] == [3, 2, 1, 1]
