@@ -36,6 +36,10 @@ def test_top_patches_and_their_pixel_centres():
     # 14-px patches in a frame twice the original size: centres at (col+0.5)*14/2.
     xy = fmbseg.patch_centres_to_pixels(patches, 14, (0.5, 0.5))
     np.testing.assert_allclose(xy, [[2.5 * 7, 1.5 * 7], [5.5 * 7, 3.5 * 7]])
+    # the paper's 5 points by default, best first; a grid smaller than that gives all of it
+    ranked = torch.arange(24.0).reshape(4, 6)
+    assert fmbseg.top_patches(ranked).tolist() == [[3, 5], [3, 4], [3, 3], [3, 2], [3, 1]]
+    assert fmbseg.top_patches(ranked[:1, :3]).tolist() == [[0, 2], [0, 1], [0, 0]]
 
 
 def test_masks_are_labelled_by_their_mean_patch_feature():
@@ -239,7 +243,12 @@ def test_stage_two_labels_sampled_automatic_masks_by_their_mean_patch_feature(
     assert [i.score for i in found] == pytest.approx(np.clip(1.5 * confidence, 0, 1).tolist())
     assert all(np.array_equal(i.mask, m) for i, m in zip(found, sampled, strict=True))
     assert 0 < len(found) < 8 and len(asked) == 1
+    # two classes equally near every mask: each label's probability is 1/2, the score 1.5 / 2
+    twins = text[torch.zeros(len(text), dtype=torch.long)]
+    even = proposer._stage_two(features, twins, idx, wanted, vocab)
+    assert [i.score for i in even] == pytest.approx([0.75] * len(found))
+    asked.clear()
     assert proposer._stage_two(features, text, idx, np.zeros(2, bool), vocab) == []
-    assert len(asked) == 1  # nothing wanted: no automatic masks at all
+    assert not asked  # nothing wanted: no automatic masks at all
     none, _, _ = _stage_proposer(tiny_checkpoints, stage2_ratio=0.0)
-    assert none._stage_two(features, text, idx, wanted, vocab) == [] and len(asked) == 1
+    assert none._stage_two(features, text, idx, wanted, vocab) == [] and not asked

@@ -37,7 +37,7 @@ def test_the_fit_pools_adjacent_violators_by_pixel_weight():
 def test_the_fit_leaves_empty_bins_out_and_needs_pixels():
     fitted = fit_calibration([0.1, float("nan"), 0.9], [0.5, float("nan"), 0.8], [5, 0, 5])
     assert fitted.knots == (0.1, 0.9) and fitted.accuracy == (0.5, 0.8)
-    with pytest.raises(ValueError, match="no labelled pixel"):
+    with pytest.raises(ValueError, match=r"^no labelled pixel to calibrate on$"):
         fit_calibration([0.5], [0.5], [0])
 
 

@@ -253,3 +253,16 @@ def test_a_vocabulary_longer_than_blips_caption_is_refused_with_what_to_do(monke
                "with presence='clip' and presence_top_k")  # fmt: skip
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         proposer.score(proposer.encode(image), Vocabulary.from_labels(", ".join(labels)))
+
+
+def test_presence_clip_and_a_presence_filter_come_together():
+    """``presence='clip'`` without a filter, or a filter with ``presence='all'``, is refused
+    with the rule."""
+    from ovss_label.backend.proposers.pnp_ovss import PnpConfig, PnpOvssProposer
+
+    blip = create_proposer("pnp_ovss", tiny=True, image_size=64, crf=False).blip
+    rule = "presence 'clip' needs a CLIP presence filter, 'all' none"
+    for config, presence in [(PnpConfig(presence="clip"), None), (PnpConfig(), object())]:
+        with pytest.raises(ValueError) as refused:
+            PnpOvssProposer(blip, config, presence)
+        assert str(refused.value) == rule

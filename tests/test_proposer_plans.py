@@ -225,6 +225,9 @@ def test_sam_refinement_prompts_sam_as_configured(naclip_files, monkeypatch, pro
         assert call["boxes"] is None
     cat = float(scores[0][masks[0]].mean()) * 0.5  # prompts come best first: cat, then dog
     assert [(i.label, i.score) for i in found] == [("cat", pytest.approx(cat)), ("dog", 1.0)]
+    # SAM's predicted IoU is a regression and may come out below 0: the score stays at 0
+    monkeypatch.setattr(refine, "decode", lambda *a, **k: (masks, np.array([-0.2, 5.0])))
+    assert [i.score for i in proposer._instances("sam features", dense, prompts)] == [0.0, 1.0]
 
 
 def test_every_part_above_min_area_gets_a_prompt_after_a_small_one():
@@ -260,18 +263,26 @@ def test_overlaps_go_to_the_higher_score_and_a_background_instance_is_skipped():
         ("dog", 0.4, 16), ("cup", 0.1, 16), ("cat", None, 12)]  # fmt: skip
 
 
-def test_an_images_remembered_hash_is_forgotten_with_the_image():
+def test_an_images_remembered_hash_is_forgotten_with_the_image(monkeypatch):
+    """Hashed twice, an image is remembered once (the second weak reference replaces the
+    first, which then never calls back) and forgotten with it, raising nothing inside the
+    garbage collector."""
     import gc
+    import sys
 
     from ovss_label.backend.proposers import cache as cache_module
 
+    errors = []
+    monkeypatch.setattr(sys, "unraisablehook", errors.append)
     image = cache_module.freeze(np.zeros((4, 4, 3), np.uint8))
     key = image_key(image)
+    assert image_key(image) == key
     ident = id(image)
     assert cache_module._keys[ident][1] == key
     del image
     gc.collect()
     assert ident not in cache_module._keys
+    assert errors == []
 
 
 def test_a_head_is_found_from_a_run_folder_or_the_variable_or_says_how_to_train_one(

@@ -158,7 +158,9 @@ class ClipSamProposer(Proposer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         patch = self.clip.patch_size
         gh, gw = net.shape[1] // patch, net.shape[2] // patch
-        summed, count, cls_all = None, torch.zeros(gh, gw, 1, device=net.device), []
+        # Overlapping windows' patch features are averaged and normalised; normalising the
+        # sum is the same (a patch's window count is a positive factor), so no count is kept.
+        summed, cls_all = None, []
         for y1, y2, x1, x2 in boxes:
             crop = net[:, y1:y2, x1:x2][None]
             cls, tokens = clip_cls_and_naclip_tokens(
@@ -172,10 +174,9 @@ class ClipSamProposer(Proposer):
                 else summed
             )
             summed[y1 // patch : y1 // patch + h, x1 // patch : x1 // patch + w] += feats
-            count[y1 // patch : y1 // patch + h, x1 // patch : x1 // patch + w] += 1
             cls_all.append(F.normalize(cls[0], dim=-1))
         assert summed is not None
-        return torch.stack(cls_all), F.normalize(summed / count.clamp(min=1), dim=-1)
+        return torch.stack(cls_all), F.normalize(summed, dim=-1)
 
     @torch.no_grad()
     def score(self, features: Features, vocabulary: Vocabulary) -> Proposal:
