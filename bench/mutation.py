@@ -155,15 +155,35 @@ def mutmut_config(package: str, stage_dir: Path, only: list[str], tests: list[st
     return f"{head}{rest}\n\n[tool.mutmut]\n{table.strip()}\n" + "\n".join(lines) + "\n"
 
 
-def run(package: str, only: list[str], tests: list[str] | None, children: int) -> dict[str, int]:
-    """Runs mutmut on one package in its staging folder; returns mutmut's CI/CD counts."""
+def survivors(stage_dir: Path) -> list[str]:
+    """Names of the mutants the last run in ``stage_dir`` left alive (exit code 0)."""
+    names = []
+    for meta in sorted(stage_dir.glob("mutants/**/*.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        names += [name for name, code in codes.items() if code == 0]
+    return names
+
+
+def run(
+    package: str, only: list[str], tests: list[str] | None, children: int, again: bool = False
+) -> dict[str, int]:
+    """Runs mutmut on one package in its staging folder; returns mutmut's CI/CD counts.
+
+    ``again``: only the survivors of the last run, with the present tests. mutmut keeps a
+    survivor's verdict while the test selection is unchanged, so tests written against
+    survivors are counted only when the survivors are run again by name.
+    """
     stage_dir = ROOT / "mutants" / package.replace("/", "-")
     stage_dir.mkdir(parents=True, exist_ok=True)
+    names = survivors(stage_dir) if again else []
     stage(package, stage_dir)
     selection = tests or FAST_TESTS[package]
     (stage_dir / "pyproject.toml").write_text(mutmut_config(package, stage_dir, only, selection))
     mutmut = [sys.executable, "-m", "mutmut"]
-    done = subprocess.run([*mutmut, "run", "--max-children", str(children)], cwd=stage_dir)
+    if again and not names:
+        print(f"{package}: no survivor recorded in {stage_dir}")
+    command = [*mutmut, "run", "--max-children", str(children), *names]
+    done = subprocess.run(command, cwd=stage_dir)
     if done.returncode != 0:  # e.g. the clean tests failed: no counts to report
         raise SystemExit(f"mutmut run failed in {stage_dir} (exit {done.returncode})")
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=stage_dir, check=True)
@@ -177,6 +197,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="e.g. converters/instance.py")
     parser.add_argument("--tests", nargs="*", help="test files instead of the package's fast tests")
     parser.add_argument("--max-children", type=int, default=2, help="parallel workers")
+    parser.add_argument(
+        "--survivors", action="store_true", help="re-run only the last run's survivors"
+    )
     args = parser.parse_args()
     stray = [f for f in args.only if not any(f.startswith(p + "/") for p in args.packages)]
     if stray:
@@ -187,7 +210,7 @@ def main() -> None:
         only = [f for f in args.only if f.startswith(package + "/")]
         if args.only and not only:
             continue  # --only names files of the other packages
-        counts = run(package, only, args.tests, args.max_children)
+        counts = run(package, only, args.tests, args.max_children, args.survivors)
         # mutmut's own badge score: timeouts count as killed, skipped mutants do not count.
         killed = counts["killed"] + counts["timeout"]
         tested = counts["total"] - counts["skipped"]

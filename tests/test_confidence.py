@@ -144,6 +144,8 @@ def test_the_score_is_the_mean_pixel_confidence_not_the_mean_instance_score():
     assert task_score(proposal) == pytest.approx(0.25 * 0.9 + 0.75 * 0.2)  # not (0.9 + 0.2) / 2
     flat = Calibration((0.0, 1.0), (0.6, 0.6))
     assert task_score(proposal, flat) == pytest.approx(0.6)
+    empty = Proposal(("cat",), np.zeros((1, 0, 4), np.float32))  # no pixel: a score of 0
+    assert task_score(empty) == 0.0 and task_score(empty, flat) == 0.0
     confident = Proposal(proposal.labels, proposal.scores, proposal.assignment,
                          confidence=np.full((8, 8), 0.7, np.float32))  # fmt: skip
     assert task_score(confident) == pytest.approx(0.7)  # the method's own decision counts

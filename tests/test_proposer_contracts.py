@@ -136,6 +136,41 @@ def test_a_class_without_pixels_does_not_end_the_others_and_order_is_by_score():
         proposal_to_instances(Proposal(("a", "b"), zero), PostprocessConfig(split="x"))
 
 
+def test_instances_below_min_score_are_dropped_and_unscored_ones_kept():
+    """The score floor keeps a score equal to ``min_score``; an instance without a score (a
+    method that gives none) is not judged by it."""
+    from ovss_label.backend.proposers.base import Instance
+
+    scores = np.zeros((3, 4, 6), np.float32)
+    scores[0, :, :2], scores[1, :, 2:4], scores[2, :, 4:] = 0.4, 0.5, 0.9
+    config = PostprocessConfig(threshold=0.3, min_area=0.0, min_score=0.5)
+    found = proposal_to_instances(Proposal(("a", "b", "c"), scores), config)
+    assert [(i.label, round(i.score, 3)) for i in found] == [("c", 0.9), ("b", 0.5)]
+    left, right = np.zeros((2, 4, 6), bool)
+    left[:, :3], right[:, 3:] = True, True
+    given = [Instance(left, "low", 0.2), Instance(right, "unscored", None)]
+    kept = proposal_to_instances(Proposal(("low",), scores[:1], None, given), config)
+    assert [i.label for i in kept] == ["unscored"]
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "message"),
+    [
+        ("naclip", "some", "background must be 'auto' or 'none', got 'some'"),
+        ("pnp", "gpt", "presence must be 'all' or 'clip', got 'gpt'"),
+    ],
+)
+def test_a_methods_options_are_refused_with_what_they_may_be(check, value, message):
+    from ovss_label.backend.proposers import naclip, pnp_ovss
+
+    with pytest.raises(ValueError) as refused:
+        if check == "naclip":
+            naclip._check_background(value)
+        else:
+            pnp_ovss._check_presence(pnp_ovss.PnpConfig(presence=value))
+    assert str(refused.value) == message
+
+
 def test_every_methods_identity_holds_its_revision_settings_weights_and_artifacts():
     """What ``model_version`` is a digest of: a change of code revision, of any output-changing
     setting, of a tuned file or a trained head is another model (the key names are part of
