@@ -155,12 +155,13 @@ def mutmut_config(package: str, stage_dir: Path, only: list[str], tests: list[st
     return f"{head}{rest}\n\n[tool.mutmut]\n{table.strip()}\n" + "\n".join(lines) + "\n"
 
 
-def survivors(stage_dir: Path) -> list[str]:
-    """Names of the mutants the last run in ``stage_dir`` left alive (exit code 0)."""
+def with_exit_code(stage_dir: Path, wanted: int | None) -> list[str]:
+    """Names of the mutants in ``stage_dir`` whose recorded exit code is ``wanted``: 0 for
+    survivors, None for mutants not run yet."""
     names = []
     for meta in sorted(stage_dir.glob("mutants/**/*.meta")):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
-        names += [name for name, code in codes.items() if code == 0]
+        names += [name for name, code in codes.items() if code == wanted]
     return names
 
 
@@ -169,26 +170,32 @@ def run(
 ) -> dict[str, int]:
     """Runs mutmut on one package in its staging folder; returns mutmut's CI/CD counts.
 
-    ``again``: only the survivors of the last run, with the present tests. mutmut keeps a
-    survivor's verdict while the test selection is unchanged, so tests written against
-    survivors are counted only when the survivors are run again by name.
+    ``again``: only the survivors of the last run, with the present tests, then whatever is
+    not run yet (mutants of functions changed since, whose verdicts mutmut dropped). mutmut
+    keeps a survivor's verdict while the test selection is unchanged, so tests written
+    against survivors are counted only when the survivors are run again by name.
     """
     stage_dir = ROOT / "mutants" / package.replace("/", "-")
     stage_dir.mkdir(parents=True, exist_ok=True)
-    names = survivors(stage_dir) if again else []
+    names = with_exit_code(stage_dir, 0) if again else []
     stage(package, stage_dir)
     selection = tests or FAST_TESTS[package]
     (stage_dir / "pyproject.toml").write_text(mutmut_config(package, stage_dir, only, selection))
     mutmut = [sys.executable, "-m", "mutmut"]
-    if again and not names:
-        print(f"{package}: no survivor recorded in {stage_dir}")
-    command = [*mutmut, "run", "--max-children", str(children), *names]
-    done = subprocess.run(command, cwd=stage_dir)
-    if done.returncode != 0:  # e.g. the clean tests failed: no counts to report
-        raise SystemExit(f"mutmut run failed in {stage_dir} (exit {done.returncode})")
+    command = [*mutmut, "run", "--max-children", str(children)]
+    if names:
+        _mutmut_run([*command, *names], stage_dir)
+    if not names or with_exit_code(stage_dir, None):  # a plain run takes only what is not run
+        _mutmut_run(command, stage_dir)
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=stage_dir, check=True)
     counts: dict[str, int] = json.loads((stage_dir / "mutants/mutmut-cicd-stats.json").read_text())
     return counts
+
+
+def _mutmut_run(command: list[str], stage_dir: Path) -> None:
+    done = subprocess.run(command, cwd=stage_dir)
+    if done.returncode != 0:  # e.g. the clean tests failed: no counts to report
+        raise SystemExit(f"mutmut run failed in {stage_dir} (exit {done.returncode})")
 
 
 def main() -> None:
@@ -198,7 +205,9 @@ def main() -> None:
     parser.add_argument("--tests", nargs="*", help="test files instead of the package's fast tests")
     parser.add_argument("--max-children", type=int, default=2, help="parallel workers")
     parser.add_argument(
-        "--survivors", action="store_true", help="re-run only the last run's survivors"
+        "--survivors",
+        action="store_true",
+        help="re-run the last run's survivors (and what is not run yet) with the present tests",
     )
     args = parser.parse_args()
     stray = [f for f in args.only if not any(f.startswith(p + "/") for p in args.packages)]
