@@ -114,7 +114,8 @@ def _with_legend(
     for line in text_lines:
         draw.text((x, y), line, fill=(230, 230, 230), font=font)
         y += _ROW
-    draw.text((x, y), f"{len(instances)} instances", fill=(180, 180, 180), font=font)
+    count = f"{len(instances)} instance" + ("" if len(instances) == 1 else "s")
+    draw.text((x, y), count, fill=(180, 180, 180), font=font)
     for label, scores in rows.items():
         y += _ROW
         draw.rectangle((x, y + 2, x + 12, y + 14), fill=_rgb(colors.get(label, "#ffffff")))

@@ -8,6 +8,7 @@ overlay draws it with PIL's default font, which no test should have to OCR.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,13 +28,13 @@ COLORS = {"cat": "#12ab3c"}  # dog has no colour: drawn white
 
 
 @pytest.fixture
-def texts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
-    """(x, y, text) of every ``ImageDraw.text`` call, in drawing order."""
-    calls: list[tuple[int, int, str]] = []
+def texts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str, Any]]:
+    """(x, y, text, fill) of every ``ImageDraw.text`` call, in drawing order."""
+    calls: list[tuple[int, int, str, Any]] = []
     draw_text = ImageDraw.ImageDraw.text
 
     def record(self, xy, text, *args, **kwargs):
-        calls.append((int(xy[0]), int(xy[1]), text))
+        calls.append((int(xy[0]), int(xy[1]), text, kwargs.get("fill")))
         return draw_text(self, xy, text, *args, **kwargs)
 
     monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
@@ -71,7 +72,7 @@ def test_legend_lists_each_label_with_count_best_score_and_colour(texts) -> None
         Instance(DOG, "a-very-long-category-name"),
     ]
     sheet = overlay_image(GREY, instances, COLORS, title="model-v1")
-    assert [t for _, _, t in texts] == [
+    assert [t for _, _, t, _ in texts] == [
         "model-v1",
         "4 instances",
         "cat  x2  0.90",
@@ -79,15 +80,15 @@ def test_legend_lists_each_label_with_count_best_score_and_colour(texts) -> None
         "a-very-long-category  x1  1.00",  # cut to 20 characters: the row fits the legend
     ]
     # Rows go down one 18-px line at a time, right of the picture, and all fit in the sheet.
-    assert [y for _, y, _ in texts] == [6, 24, 42, 60, 78]
-    assert all(x >= W for x, _, _ in texts)
+    assert [y for _, y, _, _ in texts] == [6, 24, 42, 60, 78]
+    assert all(x >= W for x, _, _, _ in texts)
     swatches = np.asarray(sheet)[42 + 8, W + 8 + 6], np.asarray(sheet)[60 + 8, W + 8 + 6]
     assert [s.tolist() for s in swatches] == [[0x12, 0xAB, 0x3C], [255, 255, 255]]
 
 
 def test_legend_of_an_image_without_instances(texts) -> None:
     overlay_image(GREY, [], {})
-    assert [(y, t) for _, y, t in texts] == [
+    assert [(y, t) for _, y, t, _ in texts] == [
         (6, "proposals"),
         (24, "0 instances"),
         (42, "(nothing found)"),
@@ -100,7 +101,7 @@ def test_the_sheet_grows_to_fit_a_long_legend(texts) -> None:
     mask = np.zeros((20, 20), bool)
     mask[2:5, 2:5] = True
     sheet = overlay_image(small, [Instance(mask, label) for label in labels], {}, title="t")
-    last_row = max(y for _, y, _ in texts)
+    last_row = max(y for _, y, _, _ in texts)
     assert last_row + 18 <= sheet.height  # the last row is not cut off
 
 
@@ -109,7 +110,7 @@ def test_the_banner_is_a_red_band_behind_its_lines(texts) -> None:
     sheet = np.asarray(overlay_image(GREY, [], {}, title="v", banner=banner))
     lines = title_lines(banner)
     assert len(lines) == 2
-    assert [(y, t) for _, y, t in texts] == [
+    assert [(y, t) for _, y, t, _ in texts] == [
         (6, lines[0]),
         (24, lines[1]),
         (42, "v"),
@@ -145,3 +146,65 @@ def test_write_overlay_writes_png_whatever_the_file_is_called(tmp_path: Path) ->
 )
 def test_title_lines_break_between_parts(title: str, width: int, lines: list[str]) -> None:
     assert title_lines(title, width) == lines
+
+
+LIGHT, DIM, WHITE, SHEET = (230, 230, 230), (180, 180, 180), (255, 255, 255), (24, 24, 24)
+"""The legend's palette: title and rows light grey, counts dimmer, banner text white, all on
+the dark sheet (contrast at least 7:1, checked below)."""
+
+
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    """WCAG relative luminance of an sRGB colour."""
+    lin = [c / 255 / 12.92 if c <= 10 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def test_legend_text_is_drawn_in_its_palette_at_fixed_offsets(texts) -> None:
+    banner = "tiny random model"
+    sheet = np.asarray(
+        overlay_image(GREY, [Instance(CAT, "cat", score=0.5)], COLORS, title="v", banner=banner)
+    )
+    x = W + 8  # 8 px right of the picture
+    assert texts == [
+        (x, 6, banner, WHITE),
+        (x, 24, "v", LIGHT),
+        (x, 42, "1 instance", DIM),  # not "1 instances"
+        (x + 18, 60, "cat  x1  0.50", LIGHT),  # right of the 12-px swatch
+    ]
+    assert sheet[-1, -1].tolist() == list(SHEET)  # the legend's background
+    for ink in (LIGHT, DIM, WHITE):
+        assert (_luminance(ink) + 0.05) / (_luminance(SHEET) + 0.05) >= 7.0
+    overlay_image(GREY, [], {})
+    assert texts[-1] == (x, 24 + 18, "(nothing found)", DIM)
+
+
+def test_the_colour_swatch_is_a_13_px_square_left_of_its_row() -> None:
+    sheet = np.asarray(overlay_image(GREY, [Instance(CAT, "cat")], COLORS, title="v"))
+    x, y = W + 8, 42  # the first row: under the title and the count
+    swatch = sheet[y + 2 : y + 15, x : x + 13]
+    assert (swatch == [0x12, 0xAB, 0x3C]).all()
+    for row, col in ((y + 1, x + 6), (y + 15, x + 6), (y + 8, x - 1), (y + 8, x + 13)):
+        assert sheet[row, col].tolist() == list(SHEET)  # just outside it
+
+
+def test_the_sheet_is_as_tall_as_its_legend_needs_and_no_taller() -> None:
+    # 18 px per line plus an 8-px margin: title, count and the rows (or "nothing found").
+    small = np.zeros((20, 20, 3), np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[2:5, 2:5] = True
+    assert overlay_image(small, [], {}).height == 3 * 18 + 8
+    many = [Instance(mask, f"class {i}") for i in range(6)]
+    assert overlay_image(small, many, {}, title="t").height == 8 * 18 + 8
+    assert overlay_image(GREY, [], {}).height == 3 * 18 + 8  # taller than the 30-px picture
+    tall = np.zeros((100, 20, 3), np.uint8)
+    assert overlay_image(tall, [], {}).height == 100  # the picture decides
+
+
+def test_the_banner_band_spans_the_legend_and_stops_under_its_last_line() -> None:
+    sheet = np.asarray(overlay_image(GREY, [], {}, title="v", banner="one line"))
+    bottom = 6 + 18 - 2  # one line
+    right = sheet[:, -1]
+    assert (right[: bottom + 1] == BANNER_RGB).all()
+    assert right[bottom + 1].tolist() == list(SHEET)
+    assert (sheet[: bottom + 1, W] == BANNER_RGB).all()  # from the picture's edge
+    assert sheet[0, W - 1].tolist() == [100, 100, 100]  # not over the picture
