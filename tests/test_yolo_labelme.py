@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,10 @@ from helpers import LABEL_CONFIG, LS_EXPORT, coco_raster, disc, fill_holes, iou,
 from PIL import Image
 
 from ovss_label.cli import cli
-from ovss_label.converters import Instance, instances_to_results
+from ovss_label.converters import Instance, instances_to_results, polygons_to_mask
+from ovss_label.converters.labelme import LabelmeWriter, instance_shapes
+from ovss_label.converters.ls_tasks import ExportReport, TaskImage
+from ovss_label.converters.yolo import YoloWriter, yolo_lines
 
 NAMES = ["cat", "dog", "person", "car", "tree"]  # label_config.xml order
 # Fixture tasks: the latest non-cancelled annotation of each, and where its files go.
@@ -205,3 +210,86 @@ def test_all_formats_in_one_run_and_usage_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "-o/--output" in result.output
     result = CliRunner().invoke(cli, ["export", str(LS_EXPORT), "-o", str(coco)])
     assert result.exit_code == 2 and "--yolo DIR" in result.output
+
+
+# Guarantees the converters' mutation run (issue 18) found untested ---------------------------
+
+BALL = Instance(disc(96, 96, 48, 48, 44), "ball")
+RING = Instance(disc(96, 96, 48, 48, 44) & ~disc(96, 96, 48, 48, 3), "ring")  # a small hole
+
+
+def one_image(*instances: Instance) -> TaskImage:
+    regions = [(f"r{i}", inst) for i, inst in enumerate(instances)]
+    return TaskImage("task 1", 1, "/data/upload/1/a.png", "a.png", 96, 96, regions)
+
+
+def test_writers_trace_masks_at_one_pixel_by_default(tmp_path: Path) -> None:
+    # The same tolerance as the COCO export and Label Studio polygons: one pixel.
+    assert yolo_lines(BALL, 0) == yolo_lines(BALL, 0, 1.0) != yolo_lines(BALL, 0, 2.0)
+    one, two = instance_shapes(BALL, 1, "auto", 1.0), instance_shapes(BALL, 1, "auto", 2.0)
+    assert instance_shapes(BALL, 1) == one != two
+    yolo, labelme = YoloWriter(tmp_path / "y", ["ball"]), LabelmeWriter(tmp_path / "l")
+    for writer in (yolo, labelme):
+        writer.add(one_image(BALL), ExportReport())
+    lines = (tmp_path / "y" / "labels" / "a.txt").read_text().splitlines()
+    assert lines == yolo_lines(BALL, 0, 1.0)
+    assert json.loads((tmp_path / "l" / "a.json").read_text())["shapes"] == one
+
+
+def test_labelme_keeps_a_mask_with_a_hole_exact_by_default(tmp_path: Path) -> None:
+    # "auto": a traced polygon would fill the hole (its IoU with the mask is still over 0.98),
+    # so the mask is written as a mask shape.
+    assert [s["shape_type"] for s in instance_shapes(RING, 1)] == ["mask"]
+    LabelmeWriter(tmp_path).add(one_image(RING), ExportReport())
+    (shape,) = json.loads((tmp_path / "a.json").read_text())["shapes"]
+    assert shape["shape_type"] == "mask" and np.array_equal(shape_mask(shape, 96, 96), RING.mask)
+
+
+def test_labelme_vertices_are_written_to_a_thousandth_of_a_pixel() -> None:
+    ring = np.array([[10.123456, 5.0], [40.987654, 5.5], [20.0004, 30.25]])
+    triangle = Instance(polygons_to_mask([ring], 96, 96), "t", polygons=(ring,))
+    (shape,) = instance_shapes(triangle, 1)
+    assert shape["points"] == [[10.123, 5.0], [40.988, 5.5], [20.0, 30.25]]
+
+
+def test_yolo_data_yaml_reads_like_ultralytics_own(tmp_path: Path) -> None:
+    writer = YoloWriter(tmp_path, ["cat", "dog"])
+    writer.close()
+    text = (tmp_path / "data.yaml").read_text(encoding="utf-8")
+    assert text.splitlines()[:2] == [
+        "# Written by ovss-label export --yolo. Put each image at images/<its path>, next to",
+        "# labels/<same path>.txt; split into train/val folders if you need a split.",
+    ]
+    assert list(yaml.safe_load(text)) == ["train", "val", "nc", "names"]  # in this order
+
+
+def test_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    # Python warns (EncodingWarning, PEP 597) wherever a text file is opened without an
+    # encoding, i.e. in the locale's: on Windows cp1252, which cannot write "猫". The writers
+    # run in a child that turns those warnings on and into errors, importing what this test
+    # imports.
+    script = f"""
+import sys
+from pathlib import Path
+sys.path[:0] = {sys.path!r}
+from ovss_label.converters import Instance
+from ovss_label.converters.labelme import LabelmeWriter
+from ovss_label.converters.ls_tasks import ExportReport, TaskImage
+from ovss_label.converters.yolo import YoloWriter
+import numpy as np
+import warnings
+warnings.simplefilter("error", EncodingWarning)  # after the imports: cv2 opens its config so
+mask = np.zeros((8, 8), bool); mask[2:6, 2:6] = True
+image = TaskImage("task 1", 1, "a.png", "a.png", 8, 8, [("r", Instance(mask, "猫"))])
+out = Path({str(tmp_path)!r})
+for writer in (YoloWriter(out / "y", ["猫"]), LabelmeWriter(out / "l")):
+    writer.add(image, ExportReport())
+    writer.close()
+"""
+    child = [sys.executable, "-X", "warn_default_encoding", "-c", script]
+    done = subprocess.run(child, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "猫" in (tmp_path / "y" / "data.yaml").read_text(encoding="utf-8")
+    assert (tmp_path / "y" / "labels" / "a.txt").read_text(encoding="utf-8").startswith("0 ")
+    shapes = json.loads((tmp_path / "l" / "a.json").read_text(encoding="utf-8"))["shapes"]
+    assert shapes[0]["label"] == "猫"
