@@ -6,7 +6,11 @@ older tests let through, and passes without it.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,3 +244,48 @@ def test_vector_vertices_outside_the_image_are_written_inside_0_100():
     x5, y10 = round(100 * 5 / LS_W, 6), round(100 * 10 / LS_H, 6)
     expected = [[0.0, 0.0], [100.0, y10], [100.0, 100.0], [x5, 100.0]]
     np.testing.assert_array_equal(points, expected)
+
+
+# ---- Files are read and written as UTF-8 whatever the locale -----------------------------------
+
+_WRITE_AND_READ = """
+import sys
+from pathlib import Path
+sys.path[:0] = {path!r}
+import numpy as np
+import json
+from ovss_label.converters import CocoWriter, Instance, read_coco
+from ovss_label.converters.labelme import LabelmeWriter
+from ovss_label.converters.ls_tasks import ExportReport, TaskImage
+from ovss_label.converters.yolo import YoloWriter
+import warnings
+warnings.simplefilter("error", EncodingWarning)  # after the imports: cv2 opens its own config
+mask = np.zeros((8, 8), bool)
+mask[2:6, 2:6] = True
+image = TaskImage("task 1", 1, "a.png", "a.png", 8, 8, [("r", Instance(mask, "猫"))])
+out = Path({out!r})
+for writer in (YoloWriter(out / "y", ["猫"]), LabelmeWriter(out / "l")):
+    writer.add(image, ExportReport())
+    writer.close()
+coco = CocoWriter(["猫"])
+coco.add_instance(coco.add_image("a.png", 8, 8), Instance(mask, "猫"))
+text = json.dumps(coco.to_dict(), ensure_ascii=False)  # as other tools write it: raw UTF-8
+(out / "c.json").write_text(text, encoding="utf-8")
+print(read_coco(out / "c.json")[0])
+"""
+
+
+def test_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """Bug: ``write_text``/``open`` without ``encoding``, i.e. the locale's (cp1252 on Windows,
+    which cannot hold "猫"). Python warns (EncodingWarning, PEP 597) at each such call when
+    ``-X warn_default_encoding`` is on; the writers run in a child that makes those warnings
+    errors, importing what this test imports."""
+    script = _WRITE_AND_READ.format(path=sys.path, out=str(tmp_path))
+    child = [sys.executable, "-X", "warn_default_encoding", "-c", script]
+    done = subprocess.run(child, capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['猫']"  # read back by read_coco
+    assert "猫" in (tmp_path / "y" / "data.yaml").read_text(encoding="utf-8")
+    assert (tmp_path / "y" / "labels" / "a.txt").read_text(encoding="utf-8").startswith("0 ")
+    shapes = json.loads((tmp_path / "l" / "a.json").read_text(encoding="utf-8"))["shapes"]
+    assert shapes[0]["label"] == "猫"

@@ -83,6 +83,19 @@ def test_reader_errors_say_what_is_wrong(tmp_path: Path) -> None:
         read_coco(coco(nothing))
 
 
+def test_a_boolean_id_matches_no_record() -> None:
+    # True == 1 in Python: read as an id it would attach the annotation to image 1.
+    annotation = {"id": 5, "image_id": True, "category_id": 1, "bbox": [0, 0, 2, 2]}
+    with pytest.raises(CocoError, match="annotation 5 references a missing image or category"):
+        read_coco(coco(annotation))
+
+
+def test_annotations_that_are_not_a_list_are_named() -> None:
+    data = coco() | {"annotations": {"id": 1}}
+    with pytest.raises(CocoError, match=r"^not a COCO instances file: annotations is not a list$"):
+        read_coco(data)
+
+
 def test_detection_boxes_keep_their_score_into_label_studio() -> None:
     # COCO detection results: a bbox and a score, no segmentation.
     box = annotation_to_instance({"id": 1, "bbox": [1, 1, 3, 2], "score": 0.7}, 4, 6, "cat")
@@ -123,6 +136,22 @@ def test_image_root_is_joined_with_exactly_one_separator() -> None:
     ):
         tasks, _ = coco_to_tasks(images, image_root=root)
         assert tasks[0]["data"]["image"] == url
+
+
+def test_import_defaults_and_the_task_score() -> None:
+    ball = Instance(disc(H, W, 16, 12, 10), "ball", score=0.1234567)
+    other = Instance(BAR, "bar", score=0.5)
+    images = [CocoImage(1, "a.jpg", W, H, [ball, other])]
+    (task,), _ = coco_to_tasks(images, fmt="polygon")
+    (explicit,), _ = coco_to_tasks(
+        images, fmt="polygon", model_version="coco-import", tolerance_px=1.0
+    )
+    assert task == explicit
+    (coarse,), _ = coco_to_tasks(images, fmt="polygon", tolerance_px=2.0)
+    assert coarse != task  # the tolerance default is 1 px, not just any value
+    prediction = task["predictions"][0]
+    assert prediction["model_version"] == "coco-import"  # how Label Studio lists them
+    assert prediction["score"] == 0.311728  # the mean of the scores, to 6 decimals
 
 
 def test_unknown_import_format_is_named() -> None:

@@ -86,6 +86,11 @@ def test_rectangle_values_round_trip_through_corners(value: dict) -> None:
     assert back == pytest.approx({"rotation": 0.0} | value, abs=0.01)
 
 
+def test_rectangle_rotation_is_written_to_6_decimals() -> None:
+    corners = [[4.0, 2.0], [7.0, 3.0], [6.0, 9.0], [3.0, 8.0]]  # atan2(1, 3): 18.4349488...
+    assert rectangle_value(corners, H, W)["rotation"] == 18.434949
+
+
 def test_an_unrotated_rectangle_has_axis_aligned_corners() -> None:
     for value in (
         {"x": 10, "y": 10, "width": 20, "height": 30},

@@ -203,11 +203,18 @@ def test_what_is_not_a_label_studio_task_is_named() -> None:
         ValueError, match=r"^this looks like a JSON-MIN export; export the project as JSON instead$"
     ):
         TaskSource([{"id": 1, "image": "/data/upload/1/a.png", "brush": []}])
-    for item in ({"id": 1}, "photos/image.jpg"):
+    # An "image" key beside a "data" that is not an object is not a JSON-MIN export.
+    for item in ({"id": 1}, "photos/image.jpg", {"image": "a.png", "data": "a.png"}):
         with pytest.raises(
             ValueError,
             match=r"not a Label Studio task \(no 'data' object\): " + re.escape(str(item)),
         ):
             TaskSource([item])  # type: ignore[list-item]
+    long = {"id": 1, "note": "x" * 200}
+    shown = re.escape(str(long)[:80])  # the item's first 80 characters
+    with pytest.raises(
+        ValueError, match=rf"^not a Label Studio task \(no 'data' object\): {shown}$"
+    ):
+        TaskSource([long])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="prefer must be one of"):
         TaskSource([], prefer="mask")  # type: ignore[arg-type]

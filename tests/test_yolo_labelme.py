@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,35 +259,3 @@ def test_yolo_data_yaml_reads_like_ultralytics_own(tmp_path: Path) -> None:
         "# labels/<same path>.txt; split into train/val folders if you need a split.",
     ]
     assert list(yaml.safe_load(text)) == ["train", "val", "nc", "names"]  # in this order
-
-
-def test_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
-    # Python warns (EncodingWarning, PEP 597) wherever a text file is opened without an
-    # encoding, i.e. in the locale's: on Windows cp1252, which cannot write "猫". The writers
-    # run in a child that turns those warnings on and into errors, importing what this test
-    # imports.
-    script = f"""
-import sys
-from pathlib import Path
-sys.path[:0] = {sys.path!r}
-from ovss_label.converters import Instance
-from ovss_label.converters.labelme import LabelmeWriter
-from ovss_label.converters.ls_tasks import ExportReport, TaskImage
-from ovss_label.converters.yolo import YoloWriter
-import numpy as np
-import warnings
-warnings.simplefilter("error", EncodingWarning)  # after the imports: cv2 opens its config so
-mask = np.zeros((8, 8), bool); mask[2:6, 2:6] = True
-image = TaskImage("task 1", 1, "a.png", "a.png", 8, 8, [("r", Instance(mask, "猫"))])
-out = Path({str(tmp_path)!r})
-for writer in (YoloWriter(out / "y", ["猫"]), LabelmeWriter(out / "l")):
-    writer.add(image, ExportReport())
-    writer.close()
-"""
-    child = [sys.executable, "-X", "warn_default_encoding", "-c", script]
-    done = subprocess.run(child, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "猫" in (tmp_path / "y" / "data.yaml").read_text(encoding="utf-8")
-    assert (tmp_path / "y" / "labels" / "a.txt").read_text(encoding="utf-8").startswith("0 ")
-    shapes = json.loads((tmp_path / "l" / "a.json").read_text(encoding="utf-8"))["shapes"]
-    assert shapes[0]["label"] == "猫"
