@@ -17,8 +17,12 @@ from helpers import disc
 from ovss_label.converters import (
     CocoError,
     CocoImage,
+    CocoTaskWriter,
     CocoWriter,
+    ExportReport,
     Instance,
+    Skipped,
+    TaskImage,
     annotation_to_instance,
     coco_to_tasks,
     export_tasks_to_coco,
@@ -275,6 +279,29 @@ def test_coco_writer_defaults_are_the_export_commands() -> None:
         written.append(writer.to_dict()["annotations"])
     assert written[0] == written[1]
     assert len(written[0][0]["segmentation"][0]) == 2 * 20  # traced at 1 px
+
+
+def test_coco_task_writer_defaults_and_regions_that_draw_no_pixel() -> None:
+    holed = np.zeros((N, N), bool)
+    holed[10:40, 10:40] = True
+    holed[20:22, 20:22] = False  # a small hole: "auto" keeps it as RLE
+    sliver = np.array([[50.1, 50.1], [50.9, 50.2], [50.2, 50.3]])  # covers no pixel centre
+    empty = Instance(np.zeros((N, N), bool), "ball", polygons=(sliver,), kind="polygon")
+    regions = [("a", Instance(DOG, "ball")), ("b", Instance(holed, "ball")), ("c", empty)]
+    image = TaskImage("task 3", 3, "/data/a.jpg", "a.jpg", N, N, regions)
+    written, reports = [], []
+    for writer in (
+        CocoTaskWriter(["ball"]),
+        CocoTaskWriter(["ball"], segmentation="auto", tolerance_px=1.0),
+    ):
+        reports.append(ExportReport())
+        writer.add(image, reports[-1])
+        written.append(writer.coco.to_dict()["annotations"])
+    assert written[0] == written[1]
+    assert [type(a["segmentation"]).__name__ for a in written[0]] == ["list", "dict"]
+    assert len(written[0][0]["segmentation"][0]) == 2 * 20  # traced at 1 px
+    reason = "empty region (no pixels)"
+    assert reports[0].skipped == [Skipped(3, "c", reason, "task 3")]
 
 
 def test_min_polygon_iou_decides_between_polygons_and_rle() -> None:

@@ -213,6 +213,21 @@ def test_a_second_task_of_the_same_image_is_reported_and_not_written(tmp_path: P
     assert (tmp_path / "yolo/labels/photos/a.txt").read_text().startswith("1 ")
 
 
+def test_two_images_with_one_name_stem_are_reported_with_the_fix(tmp_path: Path) -> None:
+    jpg = image(Instance(BAR, "dog"), task_id=1, name="photos/a.jpg")
+    png = image(Instance(BAR, "dog"), task_id=2, name="photos/a.png")
+    report = ExportReport()
+    writer = LabelmeWriter(tmp_path)
+    writer.add(jpg, report)
+    writer.add(png, report)
+    path = tmp_path / "photos" / "a.json"
+    reason = (
+        f"{path} already written for photos/a.jpg: both images give one output file "
+        "(same name stem); rename one of them"
+    )
+    assert report.skipped == [Skipped(2, None, reason, "task 2")]
+
+
 def test_tolerance_option_simplifies_traced_outlines_in_every_format(tmp_path: Path) -> None:
     ball = Instance(BIG, "ball")
 

@@ -166,6 +166,22 @@ def test_bad_results_are_errors_that_say_why_and_name_the_region() -> None:
         assert caught.value.region_id == "r7"
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", float("-inf")])
+def test_a_rectangle_with_a_rotation_that_is_not_finite_is_refused(bad: Any) -> None:
+    value = {"x": 10, "y": 10, "width": 20, "height": 30, "rotation": bad}
+    item = sized("rectanglelabels", value | {"rectanglelabels": ["car"]}, id="r8")
+    message = r"^rectangle has a coordinate that is not a finite number$"
+    with pytest.raises(RegionError, match=message) as caught:
+        result_to_instance(item)
+    assert caught.value.region_id == "r8"
+
+
+def test_predicted_polygons_keep_within_the_vertex_cap() -> None:
+    ball = Instance(disc(96, 96, 48, 48, 44), "ball")  # 20 vertices at 1 px
+    (capped,) = instance_to_results(ball, "polygon", max_vertices=8)
+    assert 4 <= len(capped["value"]["points"]) <= 8
+
+
 def test_a_one_pixel_rectangle_is_a_region() -> None:
     value = {"x": 50, "y": 50, "width": 2.5, "height": 5, "rectanglelabels": ["dot"]}  # 1 x 1 px
     inst = result_to_instance(sized("rectanglelabels", value))

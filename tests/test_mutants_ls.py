@@ -54,6 +54,16 @@ def test_parts_too_thin_to_cover_a_pixel_centre_merge_by_their_vertices_even_at_
     assert ([rid for rid, _ in merged], folded) == (["b"], 3)
 
 
+def test_a_polygon_reaching_outside_the_image_merges_with_its_brush():
+    # Vertices left of and above the image (COCO polygons, hand-made tasks) count from pixel 0.
+    for ring in (square(-4, 8, 6, 16), square(2, -5, 12, 3)):
+        x0, y0 = (max(int(v), 0) for v in ring.min(axis=0))
+        x1, y1 = (int(v) for v in ring.max(axis=0))
+        regions = [brush("b", (x0, y0, x1, y1)), polygon("p", ring)]
+        merged, folded = merge_same_instances(regions)
+        assert ([rid for rid, _ in merged], folded) == (["b"], 1)
+
+
 def test_a_sliver_inside_a_part_merges_where_its_vertices_are():
     # The same rule away from the corner: the sliver's pixel is (row 20, column 25).
     regions = [

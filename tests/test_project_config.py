@@ -87,6 +87,14 @@ def test_a_config_without_brush_or_polygon_is_read_but_has_no_targets():
         config.output  # noqa: B018
 
 
+def test_export_reads_a_config_without_an_image():
+    # e.g. text spans: nothing to export, but reading the config must not crash.
+    text = """<View><Text name="t" value="$text"/>
+    <RectangleLabels name="l" toName="t"><Label value="cat"/></RectangleLabels></View>"""
+    config = ProjectConfig.parse(text, "naclip", predicting=False)
+    assert config.data_key is None and config.vocabulary.names == ("cat",)
+
+
 @pytest.mark.parametrize(
     ("config", "kind", "match"),
     [
