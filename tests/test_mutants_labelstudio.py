@@ -15,6 +15,7 @@ from ovss_label.converters import (
     Instance,
     RegionError,
     instance_to_results,
+    mask_to_brush_rle,
     polygons_to_mask,
     rectangle_corners,
     rectangle_value,
@@ -174,6 +175,23 @@ def test_a_rectangle_with_a_rotation_that_is_not_finite_is_refused(bad: Any) -> 
     with pytest.raises(RegionError, match=message) as caught:
         result_to_instance(item)
     assert caught.value.region_id == "r8"
+
+
+def test_a_polygon_with_a_point_that_is_not_finite_is_refused() -> None:
+    points = [[10, 10], [float("nan"), 20], [30, 60]]
+    item = sized("polygonlabels", {"points": points, "polygonlabels": ["cat"]})
+    with pytest.raises(RegionError, match=r"^polygon has a point that is not a finite number$"):
+        result_to_instance(item)
+
+
+def test_any_painted_brush_value_is_drawn() -> None:
+    # Label Studio stores RGBA; a pixel is painted when its value is not 0, however faint.
+    faint = SQUARE.astype(np.uint8)  # value 1 where painted
+    rle = mask_to_brush_rle(faint)
+    inst = result_to_instance(
+        sized("brushlabels", {"format": "rle", "rle": rle, "brushlabels": ["cat"]})
+    )
+    assert inst is not None and np.array_equal(inst.mask, SQUARE)
 
 
 def test_predicted_polygons_keep_within_the_vertex_cap() -> None:

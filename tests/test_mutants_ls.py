@@ -130,6 +130,24 @@ def test_prefer_polygon_keeps_every_part_as_one_instance() -> None:
     assert np.array_equal(inst.mask, regions[0][1].mask)
 
 
+def test_polygons_of_one_region_take_the_first_ones_label_and_score() -> None:
+    regions = [
+        polygon("r1", square(2, 2, 8, 8), score=0.8),
+        polygon("r1", square(20, 2, 26, 8), label="dog", score=0.3),  # a hand-edited task
+    ]
+    ((rid, inst),), _ = merge_same_instances(regions, prefer="polygon")
+    assert (rid, inst.label, inst.score) == ("r1", "cat", 0.8)
+
+
+@pytest.mark.parametrize("prefer", ["brush", "polygon"])
+def test_a_region_of_several_brushes_keeps_its_first_brush(prefer: str) -> None:
+    # Brushes are never merged into one another: the first result of the region stays as it is
+    # (with prefer="polygon" too, which has no polygon to prefer here).
+    regions = [brush("r1", (2, 2, 8, 8), score=0.8), brush("r1", (20, 2, 26, 8), score=0.3)]
+    (kept,), folded = merge_same_instances(regions, prefer=prefer)  # type: ignore[arg-type]
+    assert kept[0] == "r1" and kept[1] is regions[0][1] and folded == 1
+
+
 def test_unknown_preference_is_named() -> None:
     with pytest.raises(ValueError, match=r"prefer must be one of \(.*\), got 'rle'"):
         merge_same_instances([], prefer="rle")  # type: ignore[arg-type]
