@@ -141,6 +141,18 @@ def test_image_sizes_come_from_results_then_meta_then_the_lookup() -> None:
     assert len(reasons) == 2 and all(r.endswith("; image file not found") for r in reasons)
 
 
+def test_the_size_is_the_exported_records_own_when_an_older_one_differs() -> None:
+    # The image was replaced by a larger one after a first annotation: the latest annotation's
+    # regions give the size, not the first result met in the task.
+    wide = np.pad(CAT, ((0, 0), (0, 4)))  # 20 x 16
+    older = {"id": 1, "updated_at": "2024-01-01T00:00:00Z", "result": results(CAT, "cat")}
+    latest = {"id": 2, "updated_at": "2024-02-01T00:00:00Z", "result": results(wide, "cat")}
+    source = TaskSource([{"id": 5, "data": {"image": "5.png"}, "annotations": [older, latest]}])
+    (image,) = source.images()
+    assert (image.width, image.height, len(image.regions)) == (S + 4, S, 1)
+    assert source.report.skipped == []
+
+
 def test_tasks_without_an_id_are_named_by_their_image_and_told_apart() -> None:
     def local(path: str, **data: str) -> dict:
         url = f"/data/local-files/?d={path}"
