@@ -27,6 +27,7 @@ from ovss_label.converters import (
     coco_to_tasks,
     export_tasks_to_coco,
     instances_to_results,
+    polygons_to_mask,
     read_coco,
     write_json_atomic,
 )
@@ -302,6 +303,22 @@ def test_coco_task_writer_defaults_and_regions_that_draw_no_pixel() -> None:
     assert len(written[0][0]["segmentation"][0]) == 2 * 20  # traced at 1 px
     reason = "empty region (no pixels)"
     assert reports[0].skipped == [Skipped(3, "c", reason, "task 3")]
+
+
+def test_only_traced_masks_count_as_holes_filled() -> None:
+    # A Label Studio polygon whose ring folds back around a hole is written with its own
+    # vertices: the hole survives rasterisation, nothing was filled.
+    ring = [[2, 2], [20, 2], [20, 20], [2, 20], [2, 11], [11, 11], [11, 8], [8, 8], [8, 14]]
+    ring += [[14, 14], [14, 11], [11, 11], [2, 11]]
+    keyhole = np.array(ring, dtype=np.float64)
+    mask = polygons_to_mask([keyhole], N, N)
+    vector = Instance(mask, "ball", polygons=(keyhole,), kind="polygon")
+    assert vector.has_holes()
+    writer = CocoWriter(["ball"], segmentation="polygon")
+    writer.add_instance(writer.add_image("a.jpg", N, N), vector)
+    assert writer.holes_filled == 0
+    writer.add_instance(1, Instance(mask, "ball"))  # the same pixels as a mask: traced, filled
+    assert writer.holes_filled == 1
 
 
 def test_min_polygon_iou_decides_between_polygons_and_rle() -> None:

@@ -21,6 +21,7 @@ from ovss_label.converters import (
     rectangle_value,
     result_to_instance,
 )
+from ovss_label.converters.labelstudio import region_label
 
 H, W = 20, 40
 SQUARE = np.zeros((H, W), bool)
@@ -192,6 +193,33 @@ def test_any_painted_brush_value_is_drawn() -> None:
         sized("brushlabels", {"format": "rle", "rle": rle, "brushlabels": ["cat"]})
     )
     assert inst is not None and np.array_equal(inst.mask, SQUARE)
+
+
+def test_image_sizes_from_one_pixel_up_to_the_decoding_limit(monkeypatch) -> None:
+    def square_on(width: Any, height: Any) -> dict[str, Any]:
+        value = {"x": 0, "y": 0, "width": 100, "height": 100, "rectanglelabels": ["car"]}
+        item = sized("rectanglelabels", value, id="r9")
+        return item | {"original_width": width, "original_height": height}
+
+    inst = result_to_instance(square_on(1, 5))  # a one-pixel-wide image is an image
+    assert inst is not None and inst.mask.shape == (5, 1) and inst.area == 5
+    for width in ("inf", "nan", 0.5, "x"):
+        with pytest.raises(RegionError, match=rf"^image size '?{width}'? x 5 is not a size"):
+            result_to_instance(square_on(width, 5))
+    monkeypatch.setattr("ovss_label.converters.labelstudio.MAX_REGION_PIXELS", 8 * 8)
+    assert result_to_instance(square_on(8, 8)) is not None  # exactly the limit
+    message = (
+        r"^image size 8 x 9 is over 64 pixels: not decoded "
+        r"\(a mask of that size would not fit in memory\)$"
+    )
+    with pytest.raises(RegionError, match=message):
+        result_to_instance(square_on(8, 9))
+
+
+def test_a_blank_or_empty_label_list_is_no_label() -> None:
+    for labels in ([], ["  "], [""]):
+        assert region_label({"brushlabels": labels}, "brushlabels") is None
+    assert region_label({"brushlabels": [" cat"]}, "brushlabels") == " cat"  # kept as written
 
 
 def test_predicted_polygons_keep_within_the_vertex_cap() -> None:

@@ -153,6 +153,14 @@ def test_the_size_is_the_exported_records_own_when_an_older_one_differs() -> Non
     assert source.report.skipped == []
 
 
+def test_predictions_are_exported_only_when_asked() -> None:
+    tasks = [task(1, "a.png", *results(CAT, "cat"), where="predictions")]
+    source = TaskSource(tasks)
+    assert list(source.images()) == [] and source.report.unlabelled == 1
+    (image,) = TaskSource(tasks, include_predictions=True).images()
+    assert [inst.label for _, inst in image.regions] == ["cat"]
+
+
 def test_tasks_without_an_id_are_named_by_their_image_and_told_apart() -> None:
     def local(path: str, **data: str) -> dict:
         url = f"/data/local-files/?d={path}"
@@ -187,6 +195,7 @@ def test_the_image_field_is_image_else_the_only_string() -> None:
         ("photos\\sub\\a.jpg", "photos/sub/a.jpg"),
         ("/data/upload/../../etc/./a.jpg", "upload/etc/a.jpg"),  # never leaves its folder
         ("https://host:8080/", "host_8080"),
+        ("file://localhost/photos/a%20b.jpg", "photos/a b.jpg"),  # the host is not a folder
         ("", "image"),
     ],
 )
@@ -199,6 +208,8 @@ def test_the_latest_record_wins_by_id_when_no_time_tells() -> None:
     assert pick_record({"annotations": [second, first]}) == (first, "annotation")
     named = {"id": "imported", "result": []}  # not a number: older than any numbered record
     assert pick_record({"annotations": [named, second]}) == (second, "annotation")
+    one = {"id": 1, "result": []}  # Label Studio's first id still beats no number
+    assert pick_record({"annotations": [named, one]}) == (one, "annotation")
 
 
 def test_labels_by_image_reads_every_image_labelling_control() -> None:
