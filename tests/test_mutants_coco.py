@@ -27,6 +27,7 @@ from ovss_label.converters import (
     coco_to_tasks,
     export_tasks_to_coco,
     instances_to_results,
+    polygon_rings,
     polygons_to_mask,
     read_coco,
     write_json_atomic,
@@ -319,6 +320,17 @@ def test_only_traced_masks_count_as_holes_filled() -> None:
     assert writer.holes_filled == 0
     writer.add_instance(1, Instance(mask, "ball"))  # the same pixels as a mask: traced, filled
     assert writer.holes_filled == 1
+
+
+def test_polygon_rings_defaults_are_the_export_commands() -> None:
+    holed = np.zeros((N, N), bool)
+    holed[10:40, 10:40] = True
+    holed[20:22, 20:22] = False
+    assert polygon_rings(Instance(holed, "ball")) is None  # auto: a hole stays exact (RLE)
+    ball = Instance(DOG, "ball")
+    (ring,) = polygon_rings(ball)
+    (same,) = polygon_rings(ball, "auto", 1.0)
+    assert np.array_equal(ring, same) and len(ring) == 20  # traced at 1 px
 
 
 def test_min_polygon_iou_decides_between_polygons_and_rle() -> None:
