@@ -151,7 +151,7 @@ def test_overlong_runs_report_how_many_values_they_hold() -> None:
 def test_a_literal_run_cut_off_by_the_end_of_the_stream_is_truncated() -> None:
     full = pack(16, [("lit", 1, list(range(16)))])
     np.testing.assert_array_equal(brush_rle_to_mask(full, 2, 2).ravel(), [3, 7, 11, 15])
-    with pytest.raises(BrushRLEError, match="truncated"):
+    with pytest.raises(BrushRLEError, match=r"^brush RLE is truncated: its last run is cut off$"):
         brush_rle_to_mask(full[:10], 2, 2)
 
 

@@ -222,6 +222,12 @@ def test_a_blank_or_empty_label_list_is_no_label() -> None:
     assert region_label({"brushlabels": [" cat"]}, "brushlabels") == " cat"  # kept as written
 
 
+def test_scores_are_written_to_6_decimals() -> None:
+    for kind in ("brush", "polygon"):
+        (item,) = instance_to_results(Instance(SQUARE, "cat", score=0.1234567), kind)
+        assert item["score"] == 0.123457
+
+
 def test_predicted_polygons_keep_within_the_vertex_cap() -> None:
     ball = Instance(disc(96, 96, 48, 48, 44), "ball")  # 20 vertices at 1 px
     (capped,) = instance_to_results(ball, "polygon", max_vertices=8)
