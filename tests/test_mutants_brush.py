@@ -223,3 +223,44 @@ def test_the_32_bit_value_count_limits_masks_to_under_2_30_pixels(
     else:
         with pytest.raises(ValueError, match=rf"mask of {pixels} pixels is too large"):
             mask_to_brush_rle(np.zeros((1, 1), np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: mask_to_brush_rle(np.zeros((0, 5), bool)),
+            "cannot encode an empty (zero-pixel) mask as brush RLE",
+        ),
+        (
+            lambda: mask_to_brush_rle(np.zeros((2, 2, 2), bool)),
+            "mask must be 2-D (H, W), got shape (2, 2, 2)",
+        ),
+        (
+            lambda: mask_to_brush_rle(np.zeros((2, 2))),
+            "mask must be bool or integer 0..255, got dtype float64",
+        ),
+        (
+            lambda: mask_to_brush_rle(np.full((2, 2), 300)),
+            "integer mask values must lie in 0..255 (use 0/255 for Label Studio)",
+        ),
+        (
+            lambda: brush_rle_to_mask([1, 2, 3, 4], 2, 2),
+            "brush RLE too short for its header (4 bytes)",
+        ),
+        (
+            lambda: brush_rle_to_mask(mask_to_brush_rle(np.ones((2, 2), bool)), 2, 3),
+            "brush RLE holds 16 values but 2x3 RGBA needs 24"
+            " (original_width/original_height do not match the mask)",
+        ),
+        (
+            lambda: brush_rle_to_mask([[1, 2]], 2, 2),
+            "brush RLE must be a flat list of integers 0..255",
+        ),
+        (lambda: brush_rle_to_mask([1, 300], 2, 2), "brush RLE values must lie in 0..255"),
+    ],
+)
+def test_encoder_and_decoder_errors_say_exactly_what_is_wrong(call, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        call()
+    assert str(caught.value) == message
