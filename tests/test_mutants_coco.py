@@ -30,6 +30,7 @@ from ovss_label.converters import (
     polygon_rings,
     polygons_to_mask,
     read_coco,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -377,3 +378,28 @@ def test_json_is_written_to_a_hidden_temp_file_beside_the_target(tmp_path, monke
     assert Path(final) == target and Path(temp).parent == target.parent
     assert Path(temp).name.startswith(".coco.json.")
     assert json.loads(target.read_text()) == {"ok": 1}
+
+
+def test_the_temp_file_is_flushed_to_disk_before_the_rename(tmp_path, monkeypatch) -> None:
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(a), replace(a, b)))
+    write_bytes_atomic(tmp_path / "a.bin", b"data")
+    assert events[0] == "fsync" and events[1].endswith(".tmp")  # leftovers are recognisable
+    events.clear()
+    write_bytes_atomic(tmp_path / "a.bin", b"data", fsync=False)  # caches may skip the flush
+    assert len(events) == 1 and events[0] != "fsync"
+
+
+def test_a_failed_write_removes_its_temp_file_and_keeps_the_target(tmp_path, monkeypatch) -> None:
+    target = tmp_path / "coco.json"
+    target.write_text("old")
+
+    def broken(a: str, b: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match=r"^disk full$"):
+        write_json_atomic(target, {"new": 1})
+    assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
