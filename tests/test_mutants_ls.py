@@ -139,6 +139,17 @@ def test_polygons_of_one_region_take_the_first_ones_label_and_score() -> None:
     assert (rid, inst.label, inst.score) == ("r1", "cat", 0.8)
 
 
+def test_a_polygon_covered_equally_by_two_brushes_goes_to_the_first() -> None:
+    # Both brushes cover all of the polygon; the tie goes to the first in result order.
+    regions = [
+        brush("a", (4, 4, 14, 14)),
+        brush("b", (4, 4, 16, 16)),
+        polygon("p", square(4, 4, 14, 14)),
+    ]
+    merged, folded = merge_same_instances(regions, prefer="polygon")
+    assert ([rid for rid, _ in merged], folded) == (["p", "b"], 1)
+
+
 @pytest.mark.parametrize("prefer", ["brush", "polygon"])
 def test_a_region_of_several_brushes_keeps_its_first_brush(prefer: str) -> None:
     # Brushes are never merged into one another: the first result of the region stays as it is
