@@ -5,6 +5,7 @@ values) and what we read (label and format fallbacks, scores, the errors a bad r
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from ovss_label.converters import (
     rectangle_value,
     result_to_instance,
 )
+from ovss_label.converters import labelstudio as labelstudio_module
 from ovss_label.converters.labelstudio import region_label
 
 H, W = 20, 40
@@ -228,10 +230,21 @@ def test_scores_are_written_to_6_decimals() -> None:
         assert item["score"] == 0.123457
 
 
-def test_predicted_polygons_keep_within_the_vertex_cap() -> None:
+def test_predicted_polygons_keep_within_the_vertex_cap(monkeypatch) -> None:
     ball = Instance(disc(96, 96, 48, 48, 44), "ball")  # 20 vertices at 1 px
     (capped,) = instance_to_results(ball, "polygon", max_vertices=8)
     assert 4 <= len(capped["value"]["points"]) <= 8
+    # The default cap is mask_to_polygons' own (README): 1000 vertices per polygon.
+    caps: list[int] = []
+    trace = labelstudio_module.mask_to_polygons
+
+    def recording(mask, tolerance_px, max_vertices, **options):
+        caps.append(max_vertices)
+        return trace(mask, tolerance_px, max_vertices, **options)
+
+    monkeypatch.setattr(labelstudio_module, "mask_to_polygons", recording)
+    instance_to_results(ball, "polygon")
+    assert caps == [1000] == [inspect.signature(trace).parameters["max_vertices"].default]
 
 
 def test_a_one_pixel_rectangle_is_a_region() -> None:

@@ -204,9 +204,12 @@ def test_degenerate_rings_are_ignored_not_read_as_boxes() -> None:
     ("kwargs", "message"),
     [
         ({"mask": np.zeros((2, 2, 2))}, "2-D"),
-        ({"mask": np.zeros((4, 4)), "tolerance_px": -1}, "tolerance_px"),
-        ({"mask": np.zeros((4, 4)), "max_vertices": 2}, "max_vertices"),
-        ({"mask": np.zeros((4, 4)), "min_area": -1}, "min_area"),
+        ({"mask": np.zeros((4, 4)), "tolerance_px": -1}, r"^tolerance_px must be >= 0$"),
+        (
+            {"mask": np.zeros((4, 4)), "max_vertices": 2},
+            r"^max_vertices must be at least 4 \(a ring needs 3 distinct points\)$",
+        ),
+        ({"mask": np.zeros((4, 4)), "min_area": -1}, r"^min_area must be >= 0 \(pixels\)$"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
