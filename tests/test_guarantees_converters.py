@@ -20,11 +20,17 @@ from ovss_label.backend.proposers import Proposal
 from ovss_label.backend.proposers.postprocess import PostprocessConfig, proposal_to_instances
 from ovss_label.backend.proposers.refine import RefineConfig, prompts_from_proposal
 from ovss_label.converters import (
+    CocoWriter,
+    ExportReport,
     Instance,
+    LabelmeWriter,
+    TaskImage,
+    YoloWriter,
     instance_to_results,
     mask_has_holes,
     mask_to_polygons,
     polygons_to_mask,
+    read_coco,
     result_to_instance,
 )
 
@@ -248,44 +254,47 @@ def test_vector_vertices_outside_the_image_are_written_inside_0_100():
 
 # ---- Files are read and written as UTF-8 whatever the locale -----------------------------------
 
-_WRITE_AND_READ = """
+
+def write_and_read(out: Path) -> list[str]:
+    """Writes one image with the label "猫" as YOLO, LabelMe and (raw UTF-8, as other tools
+    write it) COCO under ``out``; returns the categories ``read_coco`` reads back."""
+    mask = np.zeros((8, 8), bool)
+    mask[2:6, 2:6] = True
+    image = TaskImage("task 1", 1, "a.png", "a.png", 8, 8, [("r", Instance(mask, "猫"))])
+    for writer in (YoloWriter(out / "y", ["猫"]), LabelmeWriter(out / "l")):
+        writer.add(image, ExportReport())
+        writer.close()
+    coco = CocoWriter(["猫"])
+    coco.add_instance(coco.add_image("a.png", 8, 8), Instance(mask, "猫"))
+    text = json.dumps(coco.to_dict(), ensure_ascii=False)
+    (out / "c.json").write_text(text, encoding="utf-8")
+    return read_coco(out / "c.json")[0]
+
+
+_CHILD = """
 import sys
-from pathlib import Path
 sys.path[:0] = {path!r}
-import numpy as np
-import json
-from ovss_label.converters import CocoWriter, Instance, read_coco
-from ovss_label.converters.labelme import LabelmeWriter
-from ovss_label.converters.ls_tasks import ExportReport, TaskImage
-from ovss_label.converters.yolo import YoloWriter
 import warnings
+from pathlib import Path
+from test_guarantees_converters import write_and_read
 warnings.simplefilter("error", EncodingWarning)  # after the imports: cv2 opens its own config
-mask = np.zeros((8, 8), bool)
-mask[2:6, 2:6] = True
-image = TaskImage("task 1", 1, "a.png", "a.png", 8, 8, [("r", Instance(mask, "猫"))])
-out = Path({out!r})
-for writer in (YoloWriter(out / "y", ["猫"]), LabelmeWriter(out / "l")):
-    writer.add(image, ExportReport())
-    writer.close()
-coco = CocoWriter(["猫"])
-coco.add_instance(coco.add_image("a.png", 8, 8), Instance(mask, "猫"))
-text = json.dumps(coco.to_dict(), ensure_ascii=False)  # as other tools write it: raw UTF-8
-(out / "c.json").write_text(text, encoding="utf-8")
-print(read_coco(out / "c.json")[0])
+print(write_and_read(Path({out!r})))
 """
 
 
 def test_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
     """Bug: ``write_text``/``open`` without ``encoding``, i.e. the locale's (cp1252 on Windows,
     which cannot hold "猫"). Python warns (EncodingWarning, PEP 597) at each such call when
-    ``-X warn_default_encoding`` is on; the writers run in a child that makes those warnings
-    errors, importing what this test imports."""
-    script = _WRITE_AND_READ.format(path=sys.path, out=str(tmp_path))
+    ``-X warn_default_encoding`` is on; a child process turns the warnings on and into errors
+    and writes what this process writes, importing what this test imports."""
+    assert write_and_read(tmp_path / "here") == ["猫"]
+    script = _CHILD.format(path=sys.path, out=str(tmp_path / "child"))
     child = [sys.executable, "-X", "warn_default_encoding", "-c", script]
     done = subprocess.run(child, capture_output=True, text=True, encoding="utf-8")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "['猫']"  # read back by read_coco
-    assert "猫" in (tmp_path / "y" / "data.yaml").read_text(encoding="utf-8")
-    assert (tmp_path / "y" / "labels" / "a.txt").read_text(encoding="utf-8").startswith("0 ")
-    shapes = json.loads((tmp_path / "l" / "a.json").read_text(encoding="utf-8"))["shapes"]
-    assert shapes[0]["label"] == "猫"
+    files = sorted(p.relative_to(tmp_path / "here") for p in (tmp_path / "here").rglob("*.*"))
+    assert len(files) == 4  # data.yaml, labels/a.txt, a.json, c.json
+    for name in files:
+        assert (tmp_path / "child" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+    assert "猫" in (tmp_path / "here" / "y" / "data.yaml").read_text(encoding="utf-8")
