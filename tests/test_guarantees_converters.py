@@ -282,7 +282,7 @@ print(write_and_read(Path({out!r})))
 """
 
 
-def test_files_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+def test_writers_and_the_coco_reader_use_utf8_whatever_the_locale(tmp_path: Path) -> None:
     """Bug: ``write_text``/``open`` without ``encoding``, i.e. the locale's (cp1252 on Windows,
     which cannot hold "猫"). Python warns (EncodingWarning, PEP 597) at each such call when
     ``-X warn_default_encoding`` is on; a child process turns the warnings on and into errors
